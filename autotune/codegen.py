@@ -1,0 +1,103 @@
+"""Render kernel configs into CUDA C++ from the Jinja templates.
+
+Templates hold declarations and explicit instantiations only; this module turns a
+:class:`~autotune.space.KernelConfig` into the strings they need. Rendering is pure (same config,
+same text); writing is write-if-different so unchanged sources keep their timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jinja2
+
+from .env import generated_dir, template_dir
+from .space import KernelConfig, RoutingConfig, invalid_reason
+
+_ELEMENT = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
+_CUDA_ELEMENT = {"bf16": "__nv_bfloat16", "fp16": "__half"}
+_TEMPLATE = {"sm90": "sm90_grouped_gemm.cu.j2"}
+# Must match enum EpilogueKind in templates/sm90_grouped_gemm.cuh.
+_EPILOGUE_KIND = {"identity": "0", "relu2": "1", "f32": "2"}
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def template_name(config: KernelConfig | RoutingConfig) -> str:
+    """File name of the template that renders ``config``."""
+    if isinstance(config, RoutingConfig):
+        return "moe_routing.cu.j2"
+    if config.arch not in _TEMPLATE:
+        raise ValueError(f"no template for arch {config.arch!r}; have {', '.join(_TEMPLATE)}")
+    return _TEMPLATE[config.arch]
+
+
+def context(config: KernelConfig | RoutingConfig) -> dict[str, str]:
+    """The template variables of ``config``, already stringified for C++."""
+    if isinstance(config, RoutingConfig):
+        return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
+    return {
+        "name": config.name,
+        "element": _ELEMENT[config.dtype],
+        "tile_m": str(config.tile_m),
+        "tile_n": str(config.tile_n),
+        "tile_k": str(config.tile_k),
+        "cluster_m": str(config.cluster_m),
+        "cluster_n": str(config.cluster_n),
+        "cooperative": "true" if config.schedule == "cooperative" else "false",
+        "swap_ab": "true" if config.swap_ab else "false",
+        "epilogue": _EPILOGUE_KIND[config.epilogue],
+    }
+
+
+def render(config: KernelConfig | RoutingConfig) -> str:
+    """The CUDA source of ``config``.
+
+    Requirements
+    ------------
+    ``config`` passes :func:`~autotune.space.invalid_reason` (else ``ValueError`` with the reason).
+    """
+    reason = invalid_reason(config)
+    if reason:
+        raise ValueError(f"config {config.name} is invalid: {reason}")
+    return _environment().get_template(template_name(config)).render(**context(config))
+
+
+def template_files() -> list[Path]:
+    """Every template file (sources and headers), for the build key."""
+    root = template_dir()
+    return sorted(p for p in root.iterdir() if p.suffix in (".j2", ".cuh", ".cu"))
+
+
+def templates_hash() -> str:
+    h = hashlib.sha256()
+    for p in template_files():
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def write_source(config: KernelConfig | RoutingConfig, out_dir: Path | None = None) -> Path:
+    """Render ``config`` into ``out_dir/<name>.cu`` (default :func:`generated_dir`).
+
+    The file is rewritten only when its text changes, through a temporary file and
+    ``os.replace`` so a reader never sees half a source.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else generated_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{config.name}.cu"
+    text = render(config)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    tmp = path.with_suffix(f".cu.tmp{hashlib.sha1(text.encode()).hexdigest()[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,231 @@
+"""Kernel configurations, their one validity predicate, and the search space per architecture.
+
+A :class:`KernelConfig` names one compiled grouped-GEMM variant. Its :attr:`KernelConfig.name` is
+procedural (``sm90_bf16_128x128x64_c1x2_coop``) and serves as identity, file name, symbol prefix
+and log key. :func:`invalid_reason` is the single predicate: enumeration, the tuner, codegen and
+the runtime all ask it, so an invalid point never reaches a compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, replace
+
+from .arch import get_arch
+from .problem import LatentMoEProblem
+
+SCHEDULES = ("cooperative", "pingpong")
+DTYPES = ("bf16", "fp16")
+# What the epilogue does with the fp32 accumulator: store it ("identity"), store relu(acc)^2
+# ("relu2", Nemotron 3's expert activation), or store it in fp32 ("f32", the router logits).
+EPILOGUES = ("identity", "relu2", "f32")
+_SCHEDULE_TAG = {"cooperative": "coop", "pingpong": "pp"}
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2}
+
+# TMA needs 16-byte aligned global strides, so every GEMM extent that is a leading dimension
+# (K of A and B, N of D) must be a multiple of 16 bytes.
+ALIGN_BYTES = 16
+# Conservative shared memory kept for the epilogue's staging buffers and the pipeline barriers,
+# which CUTLASS carves out of the same opt-in budget before it sizes the mainloop stages.
+_EPILOGUE_SMEM = 32 * 1024
+_MIN_STAGES = 2
+# Clusters above 8 CTAs are "non-portable" on Hopper and need an opt-in launch attribute that the
+# CUTLASS adapter does not set, so they would fail to launch.
+_MAX_CLUSTER = 8
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One sm90 ptr-array grouped-GEMM variant.
+
+    The GEMM is ``D_g = A_g @ B_g^T`` per group g, A [M_g, K] and B [N_g, K] and D [M_g, N_g] all
+    row-major. ``swap_ab`` computes ``D_g^T = B_g @ A_g^T`` instead, so that a group with few
+    rows (few tokens per expert) lands on the tile's N side, where wgmma allows small extents.
+    Tile and cluster refer to the GEMM the kernel actually runs (after the swap). ``epilogue`` is
+    one of :data:`EPILOGUES`; the search space enumerates "identity" and each pipeline stage sets
+    its own kind with :meth:`with_epilogue`.
+    """
+
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    cluster_m: int = 1
+    cluster_n: int = 1
+    schedule: str = "cooperative"
+    swap_ab: bool = False
+    epilogue: str = "identity"
+    dtype: str = "bf16"
+    arch: str = "sm90"
+
+    @property
+    def name(self) -> str:
+        swap = "_swapab" if self.swap_ab else ""
+        epi = "" if self.epilogue == "identity" else f"_{self.epilogue}"
+        return (f"{self.arch}_{self.dtype}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
+                f"_c{self.cluster_m}x{self.cluster_n}_{_SCHEDULE_TAG.get(self.schedule, '?')}"
+                f"{swap}{epi}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_epilogue(self, epilogue: str) -> KernelConfig:
+        return replace(self, epilogue=epilogue)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelConfig:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The routing and bookkeeping kernels (top-k, offsets, gather, SwiGLU, combine) of one
+    element type; built and cached like a GEMM config, with nothing to tune."""
+
+    dtype: str = "bf16"
+    arch: str = "sm90"
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}_{self.dtype}_moe_routing"
+
+
+def _stage_bytes(c: KernelConfig) -> int:
+    return (c.tile_m + c.tile_n) * c.tile_k * _DTYPE_BYTES[c.dtype]
+
+
+def _tile_reason(c: KernelConfig) -> str | None:
+    if c.schedule not in SCHEDULES:
+        return f"schedule {c.schedule!r} not in {SCHEDULES}"
+    if c.dtype not in DTYPES:
+        return f"dtype {c.dtype!r} not in {DTYPES}"
+    if c.epilogue not in EPILOGUES:
+        return f"epilogue {c.epilogue!r} not in {EPILOGUES}"
+    # Cooperative splits the tile's M between two consumer warpgroups of 64 rows each; ping-pong
+    # gives each warpgroup a whole tile, so 64 rows suffice there.
+    if c.schedule == "cooperative" and c.tile_m not in (128, 256):
+        return f"cooperative needs tile M of 128 or 256, got {c.tile_m}"
+    if c.schedule == "pingpong" and c.tile_m not in (64, 128):
+        return f"pingpong needs tile M of 64 or 128, got {c.tile_m}"
+    # wgmma's N extent is a multiple of 8 up to 256; the TMA epilogue tiles N by 16.
+    if not 16 <= c.tile_n <= 256 or c.tile_n % 16:
+        return f"tile N must be a multiple of 16 in [16, 256], got {c.tile_n}"
+    # One K block must be a whole number of 128-byte swizzle atoms (64 bf16) or a 64-byte one.
+    if c.tile_k * _DTYPE_BYTES[c.dtype] not in (64, 128, 256):
+        return f"tile K of {c.tile_k} {c.dtype} is not 64, 128 or 256 bytes"
+    return None
+
+
+def _cluster_reason(c: KernelConfig) -> str | None:
+    for side, v in (("cluster M", c.cluster_m), ("cluster N", c.cluster_n)):
+        if v not in (1, 2, 4, 8):
+            return f"{side} must be 1, 2, 4 or 8, got {v}"
+    if c.cluster_m * c.cluster_n > _MAX_CLUSTER:
+        return f"cluster size {c.cluster_m * c.cluster_n} exceeds the portable {_MAX_CLUSTER}"
+    # TMA multicast splits the A tile among the cluster's N-side CTAs and the B tile among its
+    # M-side CTAs; each slice must stay a whole number of 8-row core matrices.
+    if (c.tile_m // c.cluster_n) % 8 or c.tile_m % c.cluster_n:
+        return f"tile M {c.tile_m} does not split into {c.cluster_n} multicast slices of 8k rows"
+    if (c.tile_n // c.cluster_m) % 8 or c.tile_n % c.cluster_m:
+        return f"tile N {c.tile_n} does not split into {c.cluster_m} multicast slices of 8k rows"
+    return None
+
+
+def _problem_reason(c: KernelConfig, problem: LatentMoEProblem) -> str | None:
+    per = ALIGN_BYTES // _DTYPE_BYTES[c.dtype]
+    dims = {"expert width (latent or hidden)": problem.expert_width,
+            "intermediate_size": problem.intermediate_size, "hidden_size": problem.hidden_size}
+    for what, v in dims.items():
+        if v % per:
+            return f"{what}={v} is not a multiple of {per} elements ({ALIGN_BYTES}-byte TMA rows)"
+    want = {"bfloat16": "bf16", "float16": "fp16"}.get(problem.dtype)
+    if want != c.dtype:
+        return f"config dtype {c.dtype} does not match problem dtype {problem.dtype}"
+    return None
+
+
+def invalid_reason(config: KernelConfig | RoutingConfig,
+                   problem: LatentMoEProblem | None = None) -> str | None:
+    """Why ``config`` cannot run (on ``problem`` if given), or None if it is valid.
+
+    The one validity predicate: tile/schedule/cluster legality, the shared-memory budget of the
+    architecture for at least two pipeline stages, and the problem's 16-byte alignment.
+    """
+    try:
+        arch = get_arch(config.arch)
+    except ValueError as e:
+        return str(e)
+    if isinstance(config, RoutingConfig):
+        if config.dtype not in DTYPES:
+            return f"dtype {config.dtype!r} not in {DTYPES}"
+        return None if problem is None else _routing_reason(problem)
+    reason = _tile_reason(config) or _cluster_reason(config)
+    if reason:
+        return reason
+    need = _MIN_STAGES * _stage_bytes(config) + _EPILOGUE_SMEM
+    if need > arch.smem_per_block:
+        return (f"{_MIN_STAGES} stages of {_stage_bytes(config)} B plus the epilogue need {need} B "
+                f"of shared memory, over {arch.smem_per_block} B")
+    return None if problem is None else _problem_reason(config, problem)
+
+
+# The offsets kernel scans the per-expert counts with one block, and the grouped top-k keeps its
+# group scores in shared memory.
+MAX_EXPERTS = 4096
+MAX_GROUPS = 128
+
+
+def _routing_reason(problem: LatentMoEProblem) -> str | None:
+    if problem.num_experts > MAX_EXPERTS:
+        return f"num_experts={problem.num_experts} exceeds {MAX_EXPERTS}"
+    if problem.n_group > MAX_GROUPS:
+        return f"n_group={problem.n_group} exceeds {MAX_GROUPS}"
+    if problem.expert_width % 8:
+        return f"expert width {problem.expert_width} is not a multiple of 8"
+    return None
+
+
+def valid(config: KernelConfig | RoutingConfig,
+          problem: LatentMoEProblem | None = None) -> bool:
+    """True when :func:`invalid_reason` finds nothing."""
+    return invalid_reason(config, problem) is None
+
+
+_AXES = {
+    "tile_m": (64, 128, 256),
+    "tile_n": (16, 32, 64, 128, 256),
+    "tile_k": (64, 128),
+    "cluster": ((1, 1), (2, 1), (1, 2)),
+    "schedule": SCHEDULES,
+    "swap_ab": (False, True),
+}
+
+
+def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
+                 dtype: str = "bf16") -> list[KernelConfig]:
+    """Every valid config of ``arch`` (for ``problem`` if given), in a stable order."""
+    get_arch(arch)
+    out = []
+    for tm, tn, tk, (cm, cn), sched, swap in itertools.product(*_AXES.values()):
+        c = KernelConfig(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
+        if valid(c, problem):
+            out.append(c)
+    return out
+
+
+def default_configs(arch: str = "sm90", dtype: str = "bf16") -> list[KernelConfig]:
+    """A small always-valid subset: prefill (large tiles), mid, and decode (swap-AB) kernels."""
+    get_arch(arch)
+    return [
+        KernelConfig(128, 256, 64, 1, 1, "cooperative", False, "identity", dtype, arch),
+        KernelConfig(128, 128, 64, 2, 1, "cooperative", False, "identity", dtype, arch),
+        KernelConfig(64, 128, 64, 1, 1, "pingpong", False, "identity", dtype, arch),
+        KernelConfig(128, 32, 128, 1, 1, "pingpong", True, "identity", dtype, arch),
+    ]
+
+
+def space_hash(configs: list[KernelConfig]) -> str:
+    """Short hash of a search space; part of the tuning key."""
+    blob = json.dumps([c.to_dict() for c in configs], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

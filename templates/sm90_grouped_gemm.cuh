@@ -1,0 +1,301 @@
+// sm90a ptr-array grouped GEMM: D_g = A_g @ B_g^T for every group g, all row-major.
+//
+// The generated translation units (sm90_grouped_gemm.cu.j2) instantiate GroupedGemm<...> once
+// and export it through plain extern "C" functions. Everything the kernel needs per group (problem
+// shapes, strides, operand pointers) lives in device memory and is written by a setup kernel on
+// the caller's stream, so a call never synchronises with the host and captures in a CUDA graph.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <type_traits>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#define AUTOTUNE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace autotune::sm90 {
+
+// Status codes shared with autotune/runtime.py.
+enum Status : int {
+  kOk = 0,
+  kBadArgument = 1,
+  kWorkspaceTooSmall = 2,
+  kCannotImplement = 3,
+  kInitializeFailed = 4,
+  kLaunchFailed = 5,
+};
+
+inline thread_local char g_last_error[512] = "";
+
+inline int fail(int status, const char* what, const char* detail = "") {
+  std::snprintf(g_last_error, sizeof(g_last_error), "%s%s%s", what, detail[0] ? ": " : "", detail);
+  return status;
+}
+
+inline constexpr size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// relu(x)^2 of Nemotron 3's non-gated experts, applied to the fp32 accumulator in the epilogue.
+// NaN propagates (NaN < 0 is false), as torch.relu does.
+template <class T>
+struct Relu2 {
+  static const bool kIsHeavy = false;
+  CUTLASS_HOST_DEVICE T operator()(T const& v) const {
+    T r = v < T(0) ? T(0) : v;
+    return r * r;
+  }
+};
+
+template <class T, int N>
+struct Relu2<cutlass::Array<T, N>> {
+  static const bool kIsHeavy = false;
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& frag) const {
+    cutlass::Array<T, N> out;
+    Relu2<T> op;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) out[i] = op(frag[i]);
+    return out;
+  }
+};
+
+// Epilogue kinds, numbered as autotune/codegen.py writes them.
+enum EpilogueKind : int { kIdentity = 0, kRelu2 = 1, kFloat32Out = 2 };
+
+template <int Kind, class Element>
+struct EpilogueOf {  // D = acc, stored in Element
+  using ElementD = Element;
+  using Fusion = cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>;
+};
+
+template <class Element>
+struct EpilogueOf<kRelu2, Element> {  // D = relu(acc)^2, stored in Element
+  using ElementD = Element;
+  using Fusion = cutlass::epilogue::fusion::LinCombEltAct<Relu2, Element, float, void, float>;
+};
+
+template <class Element>
+struct EpilogueOf<kFloat32Out, Element> {  // D = acc, stored in fp32 (router logits)
+  using ElementD = float;
+  using Fusion = cutlass::epilogue::fusion::LinearCombination<float, float, void, float>;
+};
+
+// Per-group arguments in the kernel's own terms, written on the device into the workspace.
+template <class G>
+struct GroupArgs {
+  typename G::Shape3* shapes;
+  typename G::StrideA* stride_a;
+  typename G::StrideB* stride_b;
+  typename G::StrideD* stride_d;
+  const typename G::Element** a;
+  const typename G::Element** b;
+  typename G::ElementD** d;
+
+  __device__ void set(int g, int m, int n, int k, const void* pa, const void* pb, void* pd) {
+    using Element = typename G::Element;
+    // Swap-AB runs D^T = B A^T: the weights become the wide M side and the few tokens of an
+    // expert land on N, where wgmma accepts extents down to 8.
+    int km = G::kSwapAB ? n : m, kn = G::kSwapAB ? m : n;
+    shapes[g] = {km, kn, k};
+    stride_a[g] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {km, k, 1});
+    stride_b[g] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {kn, k, 1});
+    stride_d[g] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {km, kn, 1});
+    a[g] = static_cast<const Element*>(G::kSwapAB ? pb : pa);
+    b[g] = static_cast<const Element*>(G::kSwapAB ? pa : pb);
+    d[g] = static_cast<typename G::ElementD*>(pd);
+  }
+};
+
+template <class G>
+__global__ void fill_group_arguments(int groups, const int32_t* __restrict__ mnk,
+                                     const void* const* ptr_a, const void* const* ptr_b,
+                                     void* const* ptr_d, GroupArgs<G> out) {
+  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x)
+    out.set(g, mnk[3 * g], mnk[3 * g + 1], mnk[3 * g + 2], ptr_a[g], ptr_b[g], ptr_d[g]);
+}
+
+template <class G>
+__global__ void fill_dense_arguments(int m, int n, int k, const void* a, const void* b, void* d,
+                                     GroupArgs<G> out) {
+  out.set(0, m, n, k, a, b, d);
+}
+
+template <class Element_, int TileM, int TileN, int TileK, int ClusterM, int ClusterN,
+          bool Cooperative, bool SwapAB, int Epilogue>
+struct GroupedGemm {
+  using Element = Element_;
+  using ElementD = typename EpilogueOf<Epilogue, Element>::ElementD;
+  static constexpr bool kSwapAB = SwapAB;
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;  // B_g stored [N, K] row-major is K x N column-major
+  using LayoutD = std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;
+  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Int<TileK>>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
+  using KernelSchedule =
+      std::conditional_t<Cooperative, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>;
+  using EpilogueSchedule =
+      std::conditional_t<Cooperative, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+                         cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutD*, kAlignmentD,  // no C operand
+      ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
+      typename EpilogueOf<Epilogue, Element>::Fusion>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
+      LayoutB*, kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  using StrideA = typename GemmKernel::InternalStrideA;
+  using StrideB = typename GemmKernel::InternalStrideB;
+  using StrideC = typename GemmKernel::InternalStrideC;
+  using StrideD = typename GemmKernel::InternalStrideD;
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+
+  // Per-group argument arrays carved from the front of the caller's workspace.
+  struct Layout {
+    size_t shapes, stride_a, stride_b, stride_d, ptr_a, ptr_b, ptr_d, cutlass, total;
+  };
+
+  static Layout layout(int groups, size_t cutlass_bytes) {
+    Layout l{};
+    size_t at = 0;
+    auto take = [&](size_t bytes) { size_t here = at; at = align_up(at + bytes, 128); return here; };
+    l.shapes = take(sizeof(Shape3) * groups);
+    l.stride_a = take(sizeof(StrideA) * groups);
+    l.stride_b = take(sizeof(StrideB) * groups);
+    l.stride_d = take(sizeof(StrideD) * groups);
+    l.ptr_a = take(sizeof(void*) * groups);
+    l.ptr_b = take(sizeof(void*) * groups);
+    l.ptr_d = take(sizeof(void*) * groups);
+    l.cutlass = take(cutlass_bytes);
+    l.total = at;
+    return l;
+  }
+
+  static GroupArgs<GroupedGemm> group_args(uint8_t* ws, const Layout& l) {
+    return {reinterpret_cast<Shape3*>(ws + l.shapes), reinterpret_cast<StrideA*>(ws + l.stride_a),
+            reinterpret_cast<StrideB*>(ws + l.stride_b), reinterpret_cast<StrideD*>(ws + l.stride_d),
+            reinterpret_cast<const Element**>(ws + l.ptr_a),
+            reinterpret_cast<const Element**>(ws + l.ptr_b),
+            reinterpret_cast<ElementD**>(ws + l.ptr_d)};
+  }
+
+  static typename Gemm::Arguments arguments(int groups, uint8_t* ws, const Layout& l,
+                                            cutlass::KernelHardwareInfo hw) {
+    typename Gemm::Arguments args;
+    decltype(args.epilogue.thread) fusion{};
+    fusion.alpha = 1.0f;
+    fusion.beta = 0.0f;
+    args = typename Gemm::Arguments{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {groups, reinterpret_cast<Shape3*>(ws + l.shapes), nullptr},
+        {reinterpret_cast<const Element**>(ws + l.ptr_a), reinterpret_cast<StrideA*>(ws + l.stride_a),
+         reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<StrideB*>(ws + l.stride_b)},
+        {fusion, nullptr, reinterpret_cast<StrideC*>(ws + l.stride_d),
+         reinterpret_cast<ElementD**>(ws + l.ptr_d),
+         reinterpret_cast<StrideD*>(ws + l.stride_d)},
+        hw};
+    return args;
+  }
+
+  static size_t cutlass_workspace(int groups, int sm_count) {
+    cutlass::KernelHardwareInfo hw{0, sm_count, 0};
+    Layout probe = layout(groups, 0);
+    auto args = arguments(groups, nullptr, probe, hw);
+    return Gemm::get_workspace_size(args);
+  }
+
+  static size_t workspace_size(int groups, int sm_count) {
+    if (groups <= 0 || sm_count <= 0) return 0;
+    return layout(groups, cutlass_workspace(groups, sm_count)).total;
+  }
+
+  static int max_active_clusters() {
+    // An occupancy query: pure host work, but not free, so done once per process and device.
+    static int cached[64] = {0};
+    int device = 0;
+    cudaGetDevice(&device);
+    if (device < 0 || device >= 64) return 0;
+    if (cached[device] == 0) {
+      cached[device] =
+          cutlass::KernelHardwareInfo::query_device_max_active_clusters<GemmKernel>();
+    }
+    return cached[device];
+  }
+
+  // Checks the workspace, then fills the per-group arguments with `fill(group_args)` on the
+  // stream and launches the GEMM behind it: no host synchronisation anywhere.
+  template <class Fill>
+  static int launch(int groups, void* workspace, size_t workspace_bytes, int sm_count,
+                    cudaStream_t stream, Fill fill) {
+    if (sm_count <= 0) return fail(kBadArgument, "sm_count must be > 0");
+    Layout l = layout(groups, cutlass_workspace(groups, sm_count));
+    if (workspace == nullptr || workspace_bytes < l.total)
+      return fail(kWorkspaceTooSmall, "workspace smaller than workspace_size()");
+    auto* ws = static_cast<uint8_t*>(workspace);
+    fill(group_args(ws, l));
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess)
+      return fail(kLaunchFailed, "setup kernel launch", cudaGetErrorString(e));
+    int device = 0;
+    cudaGetDevice(&device);
+    cutlass::KernelHardwareInfo hw{device, sm_count, max_active_clusters()};
+    auto args = arguments(groups, ws, l, hw);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess)
+      return fail(kCannotImplement, "CUTLASS can_implement rejected the arguments");
+    if (gemm.initialize(args, ws + l.cutlass, stream) != cutlass::Status::kSuccess)
+      return fail(kInitializeFailed, "CUTLASS initialize failed");
+    cutlass::Status s = gemm.run(stream);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess || s != cutlass::Status::kSuccess)
+      return fail(kLaunchFailed, "grouped GEMM launch", cudaGetErrorString(e));
+    return kOk;
+  }
+
+  static int run(int groups, const int32_t* mnk, const void* const* ptr_a, const void* const* ptr_b,
+                 void* const* ptr_d, void* workspace, size_t workspace_bytes, int sm_count,
+                 cudaStream_t stream) {
+    if (groups <= 0 || mnk == nullptr || ptr_a == nullptr || ptr_b == nullptr || ptr_d == nullptr)
+      return fail(kBadArgument, "groups must be > 0 and the shape/pointer arrays non-null");
+    int threads = 128, blocks = (groups + threads - 1) / threads;
+    return launch(groups, workspace, workspace_bytes, sm_count, stream, [&](auto args) {
+      fill_group_arguments<GroupedGemm><<<blocks, threads, 0, stream>>>(groups, mnk, ptr_a, ptr_b,
+                                                                        ptr_d, args);
+    });
+  }
+
+  // One dense GEMM (a single group) with its shape and pointers as plain arguments: the latent
+  // projections, which need no per-expert bookkeeping.
+  static int run_dense(int m, int n, int k, const void* a, const void* b, void* d,
+                       void* workspace, size_t workspace_bytes, int sm_count,
+                       cudaStream_t stream) {
+    if (m < 0 || n <= 0 || k <= 0 || a == nullptr || b == nullptr || d == nullptr)
+      return fail(kBadArgument, "m >= 0, n > 0, k > 0 and non-null pointers are required");
+    return launch(1, workspace, workspace_bytes, sm_count, stream, [&](auto args) {
+      fill_dense_arguments<GroupedGemm><<<1, 1, 0, stream>>>(m, n, k, a, b, d, args);
+    });
+  }
+};
+
+}  // namespace autotune::sm90

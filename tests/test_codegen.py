@@ -1,0 +1,48 @@
+"""Golden renders and write-if-different (no GPU, no compiler)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autotune.codegen import render, template_files, write_source
+from autotune.space import KernelConfig
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("config", [
+    KernelConfig(128, 128, 64, 1, 2, "cooperative"),
+    KernelConfig(128, 32, 128, 1, 1, "pingpong", True),
+], ids=lambda c: c.name)
+def test_golden_render(config):
+    assert render(config) == (GOLDEN / f"{config.name}.cu").read_text()
+
+
+def test_render_carries_every_choice():
+    text = render(KernelConfig(64, 16, 128, 2, 1, "pingpong", True, dtype="fp16"))
+    assert "GroupedGemm<cutlass::half_t, 64, 16, 128,\n" in text
+    assert "2, 1, false,\n" in text and "true, 0>;" in text
+    assert "sm90_fp16_64x16x128_c2x1_pp_swapab_run(" in text
+
+
+def test_render_rejects_invalid_config():
+    with pytest.raises(ValueError, match="cooperative needs tile M"):
+        render(KernelConfig(64, 128, 64, schedule="cooperative"))
+
+
+def test_write_if_different(tmp_path):
+    c = KernelConfig(128, 128, 64)
+    p = write_source(c, tmp_path)
+    mtime = p.stat().st_mtime_ns
+    assert write_source(c, tmp_path) == p and p.stat().st_mtime_ns == mtime
+    p.write_text("stale")
+    write_source(c, tmp_path)
+    assert p.read_text() == render(c)
+    assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+
+
+def test_templates_found():
+    names = {p.name for p in template_files()}
+    assert {"sm90_grouped_gemm.cu.j2", "sm90_grouped_gemm.cuh"} <= names

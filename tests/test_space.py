@@ -1,0 +1,96 @@
+"""Golden tests of config names, the validity predicate and the search space (no GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autotune.problem import PRESETS, LatentMoEProblem
+from autotune.space import (
+    KernelConfig,
+    default_configs,
+    invalid_reason,
+    search_space,
+    space_hash,
+    valid,
+)
+
+
+@pytest.mark.parametrize("config,name", [
+    (KernelConfig(128, 128, 64, 1, 2, "cooperative"), "sm90_bf16_128x128x64_c1x2_coop"),
+    (KernelConfig(64, 256, 64, 1, 1, "pingpong"), "sm90_bf16_64x256x64_c1x1_pp"),
+    (KernelConfig(128, 32, 128, 1, 1, "pingpong", True), "sm90_bf16_128x32x128_c1x1_pp_swapab"),
+    (KernelConfig(256, 128, 64, 2, 1, "cooperative", dtype="fp16"),
+     "sm90_fp16_256x128x64_c2x1_coop"),
+])
+def test_golden_names(config, name):
+    assert config.name == name
+
+
+def test_config_is_frozen_and_round_trips():
+    c = KernelConfig(128, 128, 64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.tile_m = 64  # type: ignore[misc]
+    assert KernelConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("config,fragment", [
+    (KernelConfig(64, 128, 64, schedule="cooperative"), "cooperative needs tile M"),
+    (KernelConfig(256, 128, 64, schedule="pingpong"), "pingpong needs tile M"),
+    (KernelConfig(128, 8, 64), "tile N must be a multiple of 16"),
+    (KernelConfig(128, 24, 64), "tile N must be a multiple of 16"),
+    (KernelConfig(128, 272, 64), "tile N must be a multiple of 16"),
+    (KernelConfig(128, 128, 48), "tile K"),
+    (KernelConfig(128, 128, 64, 4, 4), "cluster size 16 exceeds"),
+    (KernelConfig(128, 128, 64, 3, 1), "cluster M must be"),
+    (KernelConfig(128, 16, 64, 4, 1), "tile N 16 does not split"),
+    (KernelConfig(256, 256, 128), "shared memory"),
+    (KernelConfig(128, 128, 64, schedule="split"), "schedule"),
+    (KernelConfig(128, 128, 64, arch="sm75"), "not a known architecture"),
+])
+def test_predicate_rejects_with_reason(config, fragment):
+    reason = invalid_reason(config)
+    assert reason is not None and fragment in reason
+    assert not valid(config)
+
+
+@pytest.mark.parametrize("config", [
+    KernelConfig(128, 256, 64), KernelConfig(256, 128, 64, 2, 1), KernelConfig(64, 16, 128,
+                                                                               schedule="pingpong"),
+    KernelConfig(128, 128, 64, 1, 2), KernelConfig(128, 64, 64, 2, 4),
+])
+def test_predicate_accepts(config):
+    assert invalid_reason(config) is None
+
+
+def test_problem_alignment_and_dtype():
+    c = KernelConfig(128, 128, 64)
+    odd = LatentMoEProblem(2880, 770, 1536, 96, 6)
+    assert "multiple of 8" in invalid_reason(c, odd)
+    fp16 = LatentMoEProblem(2880, 768, 1536, 96, 6, dtype="float16")
+    assert "dtype" in invalid_reason(c, fp16)
+    assert invalid_reason(c, PRESETS["nemotron-3-super"]) is None
+
+
+def test_search_space_is_valid_unique_and_stable():
+    space = search_space("sm90", PRESETS["nemotron-3-super"])
+    names = [c.name for c in space]
+    assert len(names) == len(set(names)) > 100
+    assert all(valid(c) for c in space)
+    assert space_hash(space) == space_hash(search_space("sm90", PRESETS["nemotron-3-super"]))
+    assert {c.schedule for c in space} == {"cooperative", "pingpong"}
+    assert any(c.swap_ab for c in space)
+
+
+def test_defaults_are_valid_and_in_space():
+    space = set(search_space("sm90"))
+    for c in default_configs("sm90"):
+        assert valid(c) and c in space
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="supported: sm90"):
+        search_space("sm70")
+    with pytest.raises(ValueError, match="no kernels are generated for sm80 yet"):
+        default_configs("sm80")
