@@ -1,0 +1,84 @@
+"""The nvcc driver: keys, failure capture, publish; one real CUTLASS compile (slow)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import pytest
+
+from autotune import build as build_mod
+from autotune.build import BuildError, build, build_key, find_nvcc, library_path, nvcc_flags
+from autotune.space import KernelConfig
+
+# The cheapest variant to compile: one small cooperative kernel without clusters.
+CHEAP = KernelConfig(128, 64, 64, 1, 1, "cooperative")
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and
+                                not build_mod.Path("/usr/local/cuda/bin/nvcc").exists(),
+                                reason="nvcc is not installed")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTUNE_GENERATED_DIR", str(tmp_path / "generated"))
+    return tmp_path
+
+
+def test_flags_target_sm90a_and_find_cutlass():
+    flags = nvcc_flags("sm90")
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags
+    assert any(f.endswith("cutlass_library/source/include") for f in flags)
+    assert any(f.endswith("tools/util/include") for f in flags)
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
+    for var in ("AUTOTUNE_NVCC", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(build_mod.shutil, "which", lambda _: None)
+    monkeypatch.setattr(build_mod, "_DEFAULT_CUDA_HOME", str(tmp_path / "none"))
+    with pytest.raises(BuildError, match="nvcc not found.*CUDA_HOME"):
+        find_nvcc()
+
+
+@needs_nvcc
+def test_build_key_tracks_source_flags_and_version(monkeypatch):
+    nvcc = find_nvcc()
+    key = build_key(CHEAP, nvcc)
+    assert key == build_key(CHEAP, nvcc)
+    assert key != build_key(KernelConfig(128, 128, 64), nvcc)
+    monkeypatch.setattr(build_mod, "__version__", "999")
+    assert build_key(CHEAP, nvcc) != key
+    monkeypatch.undo()
+    flags = nvcc_flags("sm90")
+    monkeypatch.setattr(build_mod, "nvcc_flags", lambda arch: [*flags, "-lineinfo"])
+    assert build_key(CHEAP, nvcc) != key
+
+
+@needs_nvcc
+def test_compile_error_is_captured_not_raised(cache, monkeypatch):
+    flags = nvcc_flags("sm90")
+    monkeypatch.setattr(build_mod, "nvcc_flags", lambda arch: [*flags, "--no-such-flag"])
+    (result,) = build([CHEAP], jobs=1)
+    assert result.status == "failed" and not result.ok
+    assert "no-such-flag" in result.log
+    assert result.path is None
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_real_compile_publishes_a_loadable_library(cache):
+    """Really runs nvcc on the CUTLASS sm90a grouped GEMM, then loads the library."""
+    (result,) = build([CHEAP], jobs=1)
+    assert result.ok, result.log
+    assert result.path == library_path(CHEAP, build_key(CHEAP, find_nvcc()))
+    leftovers = [p.name for p in result.path.parent.iterdir()
+                 if not p.name.endswith((".so", ".lock"))]
+    assert leftovers == []
+    lib = ctypes.CDLL(str(result.path))
+    size = getattr(lib, f"{CHEAP.name}_workspace_size")
+    size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int]
+    assert size(512, 132) > size(1, 132) > 0
+    (again,) = build([CHEAP], jobs=1)
+    assert again.status == "cached" and again.path == result.path
