@@ -1,0 +1,62 @@
+"""The command line on a machine without an sm90 GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autotune.__main__ import main
+from autotune.space import KernelConfig
+
+TINY = ["--hidden-size", "256", "--latent-size", "128", "--intermediate-size", "192",
+        "--num-experts", "8", "--top-k", "2"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTUNE_GENERATED_DIR", str(tmp_path / "generated"))
+    return tmp_path
+
+
+def test_help_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "autotune", "--help"], capture_output=True,
+                         text=True, env=os.environ.copy(), check=True).stdout
+    assert "--arch" in out and "--compile-all" in out and "--preset" in out
+
+
+@pytest.mark.parametrize("arch,fragment", [("sm70", "not a known architecture"),
+                                           ("sm80", "no kernels are generated for sm80 yet")])
+def test_unsupported_arch_is_a_clear_error(arch, fragment, capsys):
+    assert main(["--arch", arch]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_bad_problem_is_a_clear_error(capsys):
+    assert main(["--arch", "sm90", "--top-k", "600"]) == 2
+    assert "top_k (600) must be <= num_experts (512)" in capsys.readouterr().err
+
+
+def test_render_only_writes_the_space(cache, capsys):
+    assert main(["--arch", "sm90", "--render-only", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "h256_l128_i192_e8_k2" in out
+    sources = list((cache / "generated").glob("sm90_*.cu"))
+    assert len(sources) > 100
+
+
+@pytest.mark.slow
+def test_compiles_a_config_and_says_timing_needs_the_gpu(cache, capsys):
+    """A real nvcc compile through the command line (the GPU-less path of the main job)."""
+    if __import__("autotune.arch", fromlist=["x"]).device_arch() == "sm90":
+        pytest.skip("an sm90 GPU is present: the command tunes instead")
+    name = KernelConfig(128, 64, 64, 1, 1, "cooperative").name
+    assert main(["--arch", "sm90", "--configs", name, *TINY]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}  built" in out
+    assert "1/1 built or cached" in out
+    assert "Timing needs an sm90 GPU" in out
+    assert list((cache / "cache" / "kernels" / "sm90").glob(f"{name}-*.so"))
