@@ -1,0 +1,264 @@
+"""The sm90 CUTLASS forward of the latent MoE layer, with the latent projections fused in.
+
+Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
+
+1. router + ``fc1_latent_proj``: ONE GEMM over x against ``[W_fc1; W_gate_hi; W_gate_lo]``
+   with an fp32 epilogue. The fp32 gate weight is split into bf16 high and low parts, both run on
+   the tensor cores with fp32 accumulation, and the routing kernel sums them: logits within about
+   2^-16 of the fp32 router at tensor-core speed, sharing x's reads with fc1.
+2. routing kernel: scores, grouped top-k, weights, per-expert counts and ranks.
+3. offsets kernel: prefix sums, compacted per-group shapes and pointer arrays of both grouped
+   GEMMs (active experts first).
+4. gather: each (token, j) pair's row of fc1's output, converted to bf16, at its sorted place.
+5. grouped GEMM 1 with relu2 in its epilogue (SwiGLU: plain GEMM, then a SwiGLU kernel).
+6. grouped GEMM 2.
+7. combine: routing-weighted sum over the top-k in fp32, fixed order (deterministic).
+8. ``fc2_latent_proj`` as one GEMM.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .problem import LatentMoEProblem
+from .runtime import GroupedGemm, Routing, load, load_routing
+from .space import KernelConfig, RoutingConfig, invalid_reason
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Default configs per token range until a tuned table applies, from the H200 sweep of
+# benchmarks/NOTES.md: swap-AB with a 16-wide N tile while experts see ~1 token, swap-AB with
+# 64 up to ~1k tokens, then 128x256 cooperative tiles.
+_TIERS = (
+    (16, KernelConfig(128, 16, 128, 1, 1, "pingpong", True)),
+    (1024, KernelConfig(128, 64, 128, 1, 1, "pingpong", True)),
+    (None, KernelConfig(128, 256, 64, 1, 1, "cooperative")),
+)
+_ROUTER_LARGE = KernelConfig(128, 128, 64, 1, 1, "cooperative", epilogue="f32")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The GEMM configs of one forward: router(+fc1), grouped up, grouped down, fc2."""
+
+    router: KernelConfig
+    up: KernelConfig
+    down: KernelConfig
+    fc2: KernelConfig
+
+    def configs(self) -> list[KernelConfig]:
+        return [self.router, self.up, self.down, self.fc2]
+
+
+def default_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
+    """The untuned, always-valid configs for ``tokens`` tokens."""
+    dtype = _DTYPE_NAMES[_torch_dtype(problem.dtype)]
+    base = next(c for limit, c in _TIERS if limit is None or tokens <= limit)
+    base = KernelConfig(**{**base.to_dict(), "dtype": dtype})
+    router = base.with_epilogue("f32") if base.swap_ab else _ROUTER_LARGE
+    router = KernelConfig(**{**router.to_dict(), "dtype": dtype})
+    up = base.with_epilogue("relu2" if problem.activation == "relu2" else "identity")
+    return Plan(router=router, up=up, down=base, fc2=base)
+
+
+def all_default_configs(problem: LatentMoEProblem) -> list[KernelConfig]:
+    """Every config :func:`default_plan` can pick for ``problem`` (to build ahead of time)."""
+    seen: dict[str, KernelConfig] = {}
+    for limit, _ in _TIERS:
+        for c in default_plan(problem, limit or 1 << 20).configs():
+            seen[c.name] = c
+    return list(seen.values())
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def unsupported_reason(problem: LatentMoEProblem, device: torch.device) -> str | None:
+    """Why the fused path cannot run ``problem`` on ``device``, or None."""
+    if device.type != "cuda":
+        return f"tensors are on {device}, the CUTLASS backend needs a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != (9, 0):
+        return f"the CUTLASS backend has sm90 kernels only; {device} is sm{cap[0]}{cap[1]}"
+    if problem.dtype not in ("bfloat16", "float16"):
+        return f"dtype {problem.dtype} has no kernels (bfloat16 and float16 do)"
+    for config in [*default_plan(problem, 1).configs(), RoutingConfig(
+            _DTYPE_NAMES[_torch_dtype(problem.dtype)])]:
+        reason = invalid_reason(config, problem)
+        if reason:
+            return reason
+    return None
+
+
+class FusedLatentMoE:
+    """Prepared weights and loaded kernels of one layer on one device.
+
+    Parameters
+    ----------
+    problem : LatentMoEProblem
+    gate_weight : Tensor [E, hidden], fp32 or the layer dtype
+    e_score_correction_bias : Tensor [E] or None
+    fc1 : Tensor [latent, hidden] or None (then the experts read x, or the ``xe`` given to call)
+    up_proj, down_proj : Tensors [E, I or 2I, width], [E, width, I]
+    fc2 : Tensor [hidden, latent] or None
+
+    Requirements
+    ------------
+    :func:`unsupported_reason` is None for ``problem`` and the weights' device; the weights are
+    contiguous and of ``problem.dtype`` (the gate may be fp32). Kernels compile into the cache on
+    first use of a token range, so warm each range up before capturing a graph.
+    """
+
+    def __init__(self, problem, gate_weight, e_score_correction_bias, fc1, up_proj, down_proj,
+                 fc2):
+        self.problem = problem
+        self.dtype = up_proj.dtype
+        self.device = up_proj.device
+        gate = gate_weight.float()
+        hi = gate.to(self.dtype)
+        lo = (gate - hi.float()).to(self.dtype)
+        self.has_lo = bool(lo.abs().amax().item() > 0)  # once, at preparation time
+        parts = ([] if fc1 is None else [fc1.to(self.dtype)]) + [hi] + ([lo] if self.has_lo
+                                                                      else [])
+        self.w_cat = torch.cat(parts).contiguous()
+        self.fc1_rows = 0 if fc1 is None else fc1.shape[0]
+        self.bias = (None if e_score_correction_bias is None
+                     else e_score_correction_bias.float().contiguous())
+        self.up = up_proj.contiguous()
+        self.down = down_proj.contiguous()
+        self.fc2 = None if fc2 is None else fc2.to(self.dtype).contiguous()
+        self.routing: Routing = load_routing(RoutingConfig(_DTYPE_NAMES[self.dtype]))
+        self._plans: dict[int, tuple[GroupedGemm, ...]] = {}
+
+    def kernels(self, tokens: int) -> tuple[GroupedGemm, ...]:
+        """Loaded kernels for ``tokens`` (resolved once per token count, never per call)."""
+        if tokens not in self._plans:
+            plan = default_plan(self.problem, tokens)
+            self._plans[tokens] = tuple(load(c) for c in plan.configs())
+        return self._plans[tokens]
+
+    def __call__(self, x: torch.Tensor, xe: torch.Tensor | None = None,
+                 topk_ids_hook=None) -> torch.Tensor:
+        """The layer on x [T, hidden]; ``xe`` [T, width] is the experts' input when fc1 is not
+        fused (a callable projection applied by the caller). Returns [T, hidden or width]."""
+        p = self.problem
+        t, k, e = x.shape[0], p.top_k, p.num_experts
+        width, inter, up_rows = p.expert_width, p.intermediate_size, p.up_rows
+        if t == 0:
+            return x.new_empty(0, p.hidden_size if self.fc2 is not None else width)
+        router, up, down, fc2 = self.kernels(t)
+
+        def new(*shape, dtype=self.dtype):
+            # Sizes depend on T only, never on the routing: the caching allocator serves them
+            # inside graph capture too.
+            return torch.empty(shape, dtype=dtype, device=x.device)
+
+        cat = new(t, self.w_cat.shape[0], dtype=torch.float32)
+        router.dense(x, self.w_cat, cat)
+        ids, weights = new(t, k, dtype=torch.int32), new(t, k, dtype=torch.float32)
+        counts, slot = new(e, dtype=torch.int32), new(t, k, dtype=torch.int32)
+        hi_col = self.fc1_rows
+        lo_col = hi_col + e if self.has_lo else -1
+        self.routing("route", cat, cat.shape[1], hi_col, lo_col, self.bias, t, e, k, p.n_group,
+                     p.topk_group, int(p.scoring == "softmax"), int(p.norm_topk_prob),
+                     float(p.routed_scaling_factor), ids, weights, counts, slot)
+        if topk_ids_hook is not None:
+            topk_ids_hook(ids.long())
+        rows = t * k
+        a1, h1 = new(rows, width), new(rows, up_rows)
+        h2 = h1 if p.activation == "relu2" else new(rows, inter)
+        y2 = new(rows, width)
+        start = new(e, dtype=torch.int32)
+        mnk1, mnk2 = new(e, 3, dtype=torch.int32), new(e, 3, dtype=torch.int32)
+        ptrs1, ptrs2 = new(3, e, dtype=torch.int64), new(3, e, dtype=torch.int64)
+        self.routing("offsets", counts, e, start, mnk1, ptrs1, mnk2, ptrs2, a1, self.up, h1, h2,
+                     self.down, y2, width, up_rows, inter)
+        row_of = new(rows, dtype=torch.int32)
+        if self.fc1_rows:
+            self.routing("gather_f32", cat, cat.shape[1], t, k, width, ids, slot, start, a1,
+                         row_of)
+        else:
+            src = x if xe is None else xe.contiguous()
+            self.routing("gather", src, src.shape[1], t, k, width, ids, slot, start, a1, row_of)
+        up.run(mnk1, ptrs1[0], ptrs1[1], ptrs1[2])
+        if p.activation == "swiglu":
+            self.routing("swiglu", h1, h2, rows, inter)
+        down.run(mnk2, ptrs2[0], ptrs2[1], ptrs2[2])
+        y_lat = new(t, width)
+        self.routing("combine", y2, weights, row_of, t, k, width, y_lat)
+        if self.fc2 is None:
+            return y_lat
+        out = new(t, self.fc2.shape[0])
+        return fc2.dense(y_lat, self.fc2, out)
+
+
+_PREPARED: OrderedDict[tuple, FusedLatentMoE] = OrderedDict()
+_MAX_PREPARED = 16
+
+
+def _tensor_key(t) -> tuple | None:
+    # Storage, version counter and layout: an in-place update (load_state_dict, an optimiser
+    # step) bumps _version, so the prepared copy is rebuilt rather than silently stale.
+    if not isinstance(t, torch.Tensor):
+        return None
+    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+
+
+def problem_of(x, gate_weight, up_proj, down_proj, *, top_k, activation, scoring, n_group,
+               topk_group, norm_topk_prob, routed_scaling_factor, projected: bool):
+    """The :class:`LatentMoEProblem` of a call's tensors (``projected``: any projection)."""
+    return LatentMoEProblem(
+        hidden_size=x.shape[-1], latent_size=up_proj.shape[-1] if projected else None,
+        intermediate_size=down_proj.shape[-1], num_experts=gate_weight.shape[0], top_k=top_k,
+        activation=activation, scoring=scoring, n_group=n_group, topk_group=topk_group,
+        norm_topk_prob=norm_topk_prob, routed_scaling_factor=float(routed_scaling_factor),
+        dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(x.dtype, "float32"))
+
+
+def cutlass_forward(x, gate_weight, e_score_correction_bias, up_proj, down_proj, *, top_k,
+                    activation="relu2", scoring="sigmoid", n_group=1, topk_group=1,
+                    norm_topk_prob=True, routed_scaling_factor=1.0, fc1_latent_proj=None,
+                    fc2_latent_proj=None, topk_ids_hook=None):
+    """The layer on the fused sm90 path; same signature and result as the oracle.
+
+    ``fc1_latent_proj`` may be a weight (fused with the router) or a callable whose output the
+    experts read; ``fc2_latent_proj`` a weight or None. Weights are prepared once per storage and
+    version (the first call per weight set reads one scalar back to the host, so warm up before
+    capturing a CUDA graph); later calls never synchronise.
+
+    Requirements
+    ------------
+    :func:`unsupported_reason` is None for the call's problem and device (``RuntimeError``
+    with the reason otherwise).
+    """
+    fc1_callable = fc1_latent_proj is not None and not isinstance(fc1_latent_proj, torch.Tensor)
+    fc2_callable = fc2_latent_proj is not None and not isinstance(fc2_latent_proj, torch.Tensor)
+    problem = problem_of(x, gate_weight, up_proj, down_proj, top_k=top_k, activation=activation,
+                         scoring=scoring, n_group=n_group, topk_group=topk_group,
+                         norm_topk_prob=norm_topk_prob,
+                         routed_scaling_factor=routed_scaling_factor,
+                         projected=fc1_latent_proj is not None or fc2_latent_proj is not None)
+    reason = unsupported_reason(problem, x.device)
+    if reason:
+        raise RuntimeError(f"backend='cutlass' cannot run this call: {reason}")
+    fc1 = None if fc1_callable else fc1_latent_proj
+    fc2 = None if fc2_callable else fc2_latent_proj
+    weights = (gate_weight, e_score_correction_bias, fc1, up_proj, down_proj, fc2)
+    key = (problem, *(_tensor_key(t) for t in weights))
+    layer = _PREPARED.get(key)
+    if layer is None:
+        layer = FusedLatentMoE(problem, *weights)
+        _PREPARED[key] = layer
+        while len(_PREPARED) > _MAX_PREPARED:
+            _PREPARED.popitem(last=False)
+    _PREPARED.move_to_end(key)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    xe = fc1_latent_proj(x2).to(x.dtype) if fc1_callable else None
+    out = layer(x2, xe=xe, topk_ids_hook=topk_ids_hook)
+    if fc2_callable:
+        out = fc2_latent_proj(out).to(x.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,279 @@
+// Device-side routing and bookkeeping of the latent MoE forward: top-k selection, per-expert
+// counts and offsets, the grouped GEMMs' shapes and pointer arrays, the row gather, the SwiGLU
+// activation and the weighted combine. Every kernel runs on the caller's stream and reads its
+// sizes from device memory, so the forward never synchronises with the host.
+//
+// moe_routing.cu.j2 instantiates these for one element type and exports them as extern "C".
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+
+#include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define AUTOTUNE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace autotune::routing {
+
+inline thread_local char g_last_error[512] = "";
+
+inline int check_launch(const char* what) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return 0;
+  std::snprintf(g_last_error, sizeof(g_last_error), "%s: %s", what, cudaGetErrorString(e));
+  return 5;
+}
+
+constexpr int kWarp = 32;
+constexpr int kRouteWarps = 4;
+constexpr int kMaxExperts = 4096;  // the offsets kernel scans counts with one block
+constexpr int kScanThreads = 1024;
+constexpr int kMaxGroups = 128;    // n_group bound of the grouped top-k
+
+struct RouteArgs {
+  const float* logits;   // [T, ld]: column hi_col + e holds the router's high part for expert e
+  int64_t ld;
+  int hi_col, lo_col;    // lo_col < 0: no low part (an fp32 or single-part router)
+  const float* bias;     // [E] e_score_correction_bias, or null
+  int tokens, experts, top_k, n_group, topk_group;
+  int softmax;           // 0: sigmoid scoring, 1: softmax scoring
+  int renormalize;
+  float scale;           // routed_scaling_factor
+  int32_t* topk_ids;     // [T, k] out
+  float* topk_weights;   // [T, k] out
+  int32_t* counts;       // [E] in/out, zero before the launch
+  int32_t* slot;         // [T, k] out: rank of the pair within its expert
+};
+
+__device__ inline float warp_sum(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ inline float warp_max(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Largest value, lowest index on ties (a deterministic top-k order).
+__device__ inline void warp_argmax(float& v, int& i) {
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+  }
+}
+
+__device__ inline float logit(const RouteArgs& a, int t, int e) {
+  const float* row = a.logits + t * a.ld;
+  return row[a.hi_col + e] + (a.lo_col >= 0 ? row[a.lo_col + e] : 0.f);
+}
+
+// Unbiased score of every expert into `score`, biased choice value into `choice`.
+__device__ void score_token(const RouteArgs& a, int t, int lane, float* score, float* choice) {
+  float mx = -INFINITY;
+  for (int e = lane; e < a.experts; e += kWarp) {
+    float l = logit(a, t, e);
+    score[e] = l;
+    mx = fmaxf(mx, l);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+  if (a.softmax) {
+    for (int e = lane; e < a.experts; e += kWarp) sum += __expf(score[e] - mx);
+    sum = warp_sum(sum);
+  }
+  for (int e = lane; e < a.experts; e += kWarp) {
+    float s = a.softmax ? __expf(score[e] - mx) / sum : 1.f / (1.f + __expf(-score[e]));
+    score[e] = s;
+    choice[e] = s + (a.bias ? a.bias[e] : 0.f);
+  }
+  __syncwarp();
+}
+
+// DeepSeek-V3 grouped top-k: keep the topk_group groups whose score (sum of the two highest
+// biased values for sigmoid, the maximum for softmax) is largest; mask the rest to -inf.
+__device__ void mask_groups(const RouteArgs& a, int lane, float* choice) {
+  if (a.n_group <= 1) return;
+  int size = a.experts / a.n_group;
+  __shared__ float gscore_all[kRouteWarps][kMaxGroups];
+  __shared__ int kept_all[kRouteWarps][kMaxGroups];
+  float* gscore = gscore_all[threadIdx.x / kWarp];
+  int* kept = kept_all[threadIdx.x / kWarp];
+  for (int g = lane; g < a.n_group; g += kWarp) {
+    float b1 = -INFINITY, b2 = -INFINITY;
+    for (int i = 0; i < size; ++i) {
+      float v = choice[g * size + i];
+      if (v > b1) b2 = b1, b1 = v;
+      else if (v > b2) b2 = v;
+    }
+    gscore[g] = (a.softmax || size == 1) ? b1 : b1 + b2;
+    kept[g] = 0;
+  }
+  __syncwarp();
+  for (int round = 0; round < a.topk_group; ++round) {
+    float v = -INFINITY;
+    int i = a.n_group;
+    for (int g = lane; g < a.n_group; g += kWarp)
+      if (!kept[g] && (gscore[g] > v || (gscore[g] == v && g < i))) v = gscore[g], i = g;
+    warp_argmax(v, i);
+    if (i >= a.n_group) {  // only -inf/NaN left: keep the lowest group not yet kept
+      for (i = 0; i < a.n_group && kept[i]; ++i) {}
+    }
+    if (lane == 0) kept[i] = 1;
+    __syncwarp();
+  }
+  for (int e = lane; e < a.experts; e += kWarp)
+    if (!kept[e / size]) choice[e] = -INFINITY;
+  __syncwarp();
+}
+
+__global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel(RouteArgs a) {
+  extern __shared__ float smem[];
+  int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  int t = blockIdx.x * kRouteWarps + warp;
+  if (t >= a.tokens) return;
+  float* score = smem + warp * 2 * a.experts;
+  float* choice = score + a.experts;
+  score_token(a, t, lane, score, choice);
+  mask_groups(a, lane, choice);
+  float picked_sum = 0.f;
+  for (int j = 0; j < a.top_k; ++j) {
+    float v = -INFINITY;
+    int i = a.experts;
+    for (int e = lane; e < a.experts; e += kWarp)
+      if (choice[e] > v || (choice[e] == v && e < i)) v = choice[e], i = e;
+    warp_argmax(v, i);
+    if (i >= a.experts) i = j % a.experts;  // all remaining -inf/NaN: keep ids in range
+    if (lane == 0) {
+      choice[i] = -INFINITY;
+      a.topk_ids[t * a.top_k + j] = i;
+      a.topk_weights[t * a.top_k + j] = score[i];
+    }
+    picked_sum += score[i];
+    __syncwarp();
+  }
+  float norm = a.renormalize ? 1.f / (picked_sum + 1e-20f) : 1.f;
+  for (int j = lane; j < a.top_k; j += kWarp) {
+    int e = a.topk_ids[t * a.top_k + j];
+    a.topk_weights[t * a.top_k + j] *= norm * a.scale;
+    a.slot[t * a.top_k + j] = atomicAdd(a.counts + e, 1);
+  }
+}
+
+struct OffsetArgs {
+  const int32_t* counts;  // [E]
+  int experts;
+  int32_t* start;         // [E] out: first sorted row of each expert
+  // Grouped GEMM 1 (up) and 2 (down), compacted: active experts first, empty groups after.
+  int32_t* mnk1;          // [E, 3]
+  int64_t* ptrs1;         // [3, E]: A, B, D addresses
+  int32_t* mnk2;
+  int64_t* ptrs2;
+  int64_t a1, w_up, h1, h2, w_down, y2;  // base addresses
+  int width, up_rows, inter, elem_bytes;
+};
+
+__global__ void __launch_bounds__(kScanThreads) offsets_kernel(OffsetArgs a) {
+  constexpr int kItems = kMaxExperts / kScanThreads;
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  int count[kItems], active[kItems], first[kItems], group[kItems];
+  for (int i = 0; i < kItems; ++i) {
+    int e = threadIdx.x * kItems + i;
+    count[i] = e < a.experts ? a.counts[e] : 0;
+    active[i] = count[i] > 0;
+  }
+  Scan(tmp).ExclusiveSum(count, first);
+  __syncthreads();
+  int n_active = 0;
+  Scan(tmp).ExclusiveSum(active, group, n_active);
+  int64_t es = a.elem_bytes;
+  for (int i = 0; i < kItems; ++i) {
+    int e = threadIdx.x * kItems + i;
+    if (e >= a.experts) break;
+    a.start[e] = first[i];
+    // Active experts take groups 0..n_active-1; the empty ones fill the tail with M = 0, so
+    // the tile scheduler meets every real group before any empty one.
+    int g = active[i] ? group[i] : n_active + (e - group[i]);
+    int64_t row = first[i];
+    a.mnk1[3 * g] = count[i], a.mnk1[3 * g + 1] = a.up_rows, a.mnk1[3 * g + 2] = a.width;
+    a.ptrs1[g] = a.a1 + row * a.width * es;
+    a.ptrs1[a.experts + g] = a.w_up + int64_t(e) * a.up_rows * a.width * es;
+    a.ptrs1[2 * a.experts + g] = a.h1 + row * a.up_rows * es;
+    a.mnk2[3 * g] = count[i], a.mnk2[3 * g + 1] = a.width, a.mnk2[3 * g + 2] = a.inter;
+    a.ptrs2[g] = a.h2 + row * a.inter * es;
+    a.ptrs2[a.experts + g] = a.w_down + int64_t(e) * a.width * a.inter * es;
+    a.ptrs2[2 * a.experts + g] = a.y2 + row * a.width * es;
+  }
+}
+
+template <class To, class From>
+__device__ inline To convert(From v) {
+  return static_cast<To>(static_cast<float>(v));
+}
+
+// Sorted row of every (token, j) pair, and a copy of the token's expert input there (converted
+// to the GEMM's element type: the fused router+fc1 GEMM leaves fc1's output in fp32).
+template <class Element, class Src>
+__global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int tokens, int top_k,
+                              int width, const int32_t* __restrict__ topk_ids,
+                              const int32_t* __restrict__ slot, const int32_t* __restrict__ start,
+                              Element* __restrict__ dst, int32_t* __restrict__ row_of) {
+  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp, lane = threadIdx.x % kWarp;
+  if (warp >= tokens * top_k) return;
+  int t = warp / top_k;
+  int row = start[topk_ids[warp]] + slot[warp];
+  if (lane == 0) row_of[warp] = row;
+  const Src* s = src + t * ld_src;
+  Element* d = dst + int64_t(row) * width;
+  for (int c = lane * 8; c < width; c += kWarp * 8) {
+    Element v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = convert<Element>(s[c + i]);
+    *reinterpret_cast<uint4*>(d + c) = *reinterpret_cast<uint4*>(v);
+  }
+}
+
+// h2[r, i] = silu(h1[r, i]) * h1[r, I + i]: gated experts keep [gate; up] in one up projection.
+template <class Element>
+__global__ void swiglu_kernel(const Element* __restrict__ h1, Element* __restrict__ h2,
+                              int64_t rows, int inter) {
+  int64_t n = rows * inter;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    int64_t r = idx / inter, i = idx % inter;
+    float g = static_cast<float>(h1[r * 2 * inter + i]);
+    float u = static_cast<float>(h1[r * 2 * inter + inter + i]);
+    h2[idx] = convert<Element>(g / (1.f + __expf(-g)) * u);
+  }
+}
+
+// out[t] = sum_j w[t, j] * y[row_of(t, j)], accumulated in fp32 in the fixed order j = 0..k-1,
+// so the result is deterministic (no atomics).
+template <class Element>
+__global__ void combine_kernel(const Element* __restrict__ y, const float* __restrict__ weights,
+                               const int32_t* __restrict__ row_of, int top_k, int width,
+                               Element* __restrict__ out) {
+  int t = blockIdx.x;
+  for (int c = threadIdx.x * 8; c < width; c += blockDim.x * 8) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < top_k; ++j) {
+      float w = weights[t * top_k + j];
+      uint4 raw = *reinterpret_cast<const uint4*>(y + int64_t(row_of[t * top_k + j]) * width + c);
+      const Element* v = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += w * static_cast<float>(v[i]);
+    }
+    Element o[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = convert<Element>(acc[i]);
+    *reinterpret_cast<uint4*>(out + int64_t(t) * width + c) = *reinterpret_cast<uint4*>(o);
+  }
+}
+
+}  // namespace autotune::routing
