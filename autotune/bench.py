@@ -79,14 +79,23 @@ def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, warmup: i
 
 
 def measure_ceilings(device: torch.device | None = None) -> dict[str, float]:
-    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured now."""
+    """Copy bandwidth (bytes read + written per second), read bandwidth and bf16 matmul rate.
+
+    The matmul runs first and both are warmed up: an idle GPU starts at low clocks, and a first
+    measurement on it reads far under the ceiling.
+    """
     device = device or torch.device("cuda")
-    src = torch.randn(1 << 30 >> 1, device=device, dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    t_copy = time_graph([lambda: dst.copy_(src)], replays=10, calls=4)
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t_mm = time_graph([lambda: a @ b], replays=10, calls=4)
-    return {"copy_bw_bytes_per_s": 2 * src.numel() * 2 / (t_copy.median_ms * 1e-3),
+    t_mm = time_graph([lambda: a @ b], replays=20, warmup=10, calls=4)
+    src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB, far over the L2
+    dst = torch.empty_like(src)
+    t_copy = time_graph([lambda: dst.copy_(src)], replays=20, warmup=10, calls=4)
+    total = torch.empty((), device=device, dtype=torch.float32)
+    t_read = time_graph([lambda: torch.sum(src, dtype=torch.float32, out=total)], replays=20,
+                        warmup=10, calls=4)
+    nbytes = src.numel() * src.element_size()
+    return {"copy_bw_bytes_per_s": 2 * nbytes / (t_copy.median_ms * 1e-3),
+            "read_bw_bytes_per_s": nbytes / (t_read.median_ms * 1e-3),
             "bf16_flops_per_s": 2 * n**3 / (t_mm.median_ms * 1e-3)}

@@ -29,15 +29,12 @@ from .space import KernelConfig, RoutingConfig, invalid_reason
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# Default configs per token range until a tuned table applies, from the H200 sweep of
-# benchmarks/NOTES.md: swap-AB with a 16-wide N tile while experts see ~1 token, swap-AB with
-# 64 up to ~1k tokens, then 128x256 cooperative tiles.
-_TIERS = (
-    (16, KernelConfig(128, 16, 128, 1, 1, "pingpong", True)),
-    (1024, KernelConfig(128, 64, 128, 1, 1, "pingpong", True)),
-    (None, KernelConfig(128, 256, 64, 1, 1, "cooperative")),
-)
-_ROUTER_LARGE = KernelConfig(128, 128, 64, 1, 1, "cooperative", epilogue="f32")
+# Default configs per token range until a tuned table applies, from the H200 sweeps logged in
+# benchmarks/NOTES.md. While experts see about one token, swap-AB puts the tokens on a 16-wide N
+# tile; the dense projections then take 64-row weight tiles so that more SMs stream the weights.
+# Up to ~1k tokens swap-AB with a 64-wide N tile; then 128x256 cooperative tiles.
+_SMALL, _MID = 16, 1024
+_PP, _COOP = "pingpong", "cooperative"
 
 
 @dataclass(frozen=True)
@@ -55,20 +52,25 @@ class Plan:
 
 def default_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
     """The untuned, always-valid configs for ``tokens`` tokens."""
-    dtype = _DTYPE_NAMES[_torch_dtype(problem.dtype)]
-    base = next(c for limit, c in _TIERS if limit is None or tokens <= limit)
-    base = KernelConfig(**{**base.to_dict(), "dtype": dtype})
-    router = base.with_epilogue("f32") if base.swap_ab else _ROUTER_LARGE
-    router = KernelConfig(**{**router.to_dict(), "dtype": dtype})
-    up = base.with_epilogue("relu2" if problem.activation == "relu2" else "identity")
-    return Plan(router=router, up=up, down=base, fc2=base)
+    dt = _DTYPE_NAMES[_torch_dtype(problem.dtype)]
+    if tokens <= _SMALL:
+        dense = KernelConfig(64, 16, 128, 1, 1, _PP, True, dtype=dt)
+        grouped = KernelConfig(128, 16, 128, 1, 1, _PP, True, dtype=dt)
+        router = dense
+    elif tokens <= _MID:
+        dense = grouped = router = KernelConfig(128, 64, 128, 1, 1, _PP, True, dtype=dt)
+    else:
+        dense = grouped = KernelConfig(128, 256, 64, 1, 1, _COOP, dtype=dt)
+        router = KernelConfig(128, 128, 64, 1, 1, _COOP, dtype=dt)
+    up = grouped.with_epilogue("relu2" if problem.activation == "relu2" else "identity")
+    return Plan(router=router.with_epilogue("f32"), up=up, down=grouped, fc2=dense)
 
 
 def all_default_configs(problem: LatentMoEProblem) -> list[KernelConfig]:
     """Every config :func:`default_plan` can pick for ``problem`` (to build ahead of time)."""
     seen: dict[str, KernelConfig] = {}
-    for limit, _ in _TIERS:
-        for c in default_plan(problem, limit or 1 << 20).configs():
+    for tokens in (_SMALL, _MID, _MID + 1):
+        for c in default_plan(problem, tokens).configs():
             seen[c.name] = c
     return list(seen.values())
 

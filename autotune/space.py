@@ -194,7 +194,7 @@ def valid(config: KernelConfig | RoutingConfig,
 
 _AXES = {
     "tile_m": (64, 128, 256),
-    "tile_n": (16, 32, 64, 128, 256),
+    "tile_n": (16, 32, 64, 128, 192, 256),
     "tile_k": (64, 128),
     "cluster": ((1, 1), (2, 1), (1, 2)),
     "schedule": SCHEDULES,

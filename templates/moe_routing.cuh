@@ -165,6 +165,94 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel(RouteArgs a) 
   }
 }
 
+// Register-resident variant for E <= 32 * PerLane: lane l holds experts l, l + 32, ...; each
+// top-k round is a lane-local scan plus two single-instruction warp reductions (redux.sync),
+// instead of shared-memory scans and shuffle trees. A decode step routes one token, so this
+// round latency is the kernel's whole time.
+__device__ inline unsigned ordered_key(float v) {
+  unsigned u = __float_as_uint(v);
+  // Order-preserving map of floats to unsigned; 0 is kept for padding (below -inf).
+  return ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) | 1u;
+}
+
+template <int PerLane>
+__global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArgs a) {
+  extern __shared__ float smem[];
+  int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  int t = blockIdx.x * kRouteWarps + warp;
+  if (t >= a.tokens) return;
+  float score[PerLane], choice[PerLane];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int r = 0; r < PerLane; ++r) {
+    int e = lane + r * kWarp;
+    score[r] = e < a.experts ? logit(a, t, e) : -INFINITY;
+    mx = fmaxf(mx, score[r]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+  if (a.softmax) {
+#pragma unroll
+    for (int r = 0; r < PerLane; ++r)
+      sum += lane + r * kWarp < a.experts ? __expf(score[r] - mx) : 0.f;
+    sum = warp_sum(sum);
+  }
+#pragma unroll
+  for (int r = 0; r < PerLane; ++r) {
+    int e = lane + r * kWarp;
+    float l = score[r];
+    score[r] = a.softmax ? __expf(l - mx) / sum : 1.f / (1.f + __expf(-l));
+    float c = score[r] + (a.bias && e < a.experts ? a.bias[e] : 0.f);
+    choice[r] = c != c ? -INFINITY : c;  // NaN never wins
+  }
+  if (a.n_group > 1) {  // the group rule needs whole groups: go through shared memory once
+    float* buf = smem + warp * a.experts;
+#pragma unroll
+    for (int r = 0; r < PerLane; ++r)
+      if (lane + r * kWarp < a.experts) buf[lane + r * kWarp] = choice[r];
+    __syncwarp();
+    mask_groups(a, lane, buf);
+#pragma unroll
+    for (int r = 0; r < PerLane; ++r)
+      if (lane + r * kWarp < a.experts) choice[r] = buf[lane + r * kWarp];
+  }
+  int my_id[2] = {0, 0};
+  float my_w[2] = {0.f, 0.f}, picked = 0.f;
+  for (int j = 0; j < a.top_k; ++j) {
+    int br = 0;
+    unsigned bkey = 0;
+#pragma unroll
+    for (int r = 0; r < PerLane; ++r) {
+      unsigned k = lane + r * kWarp < a.experts ? ordered_key(choice[r]) : 0u;
+      if (k > bkey) bkey = k, br = r;
+    }
+    unsigned best = __reduce_max_sync(0xffffffffu, bkey);
+    unsigned e = __reduce_min_sync(0xffffffffu, bkey == best ? unsigned(br * kWarp + lane)
+                                                              : 0xffffffffu);
+    float s_here = 0.f;
+#pragma unroll
+    for (int r = 0; r < PerLane; ++r) {
+      if (unsigned(r * kWarp + lane) == e) s_here = score[r], choice[r] = -INFINITY;
+    }
+    float s = __shfl_sync(0xffffffffu, s_here, e % kWarp);
+    picked += s;
+    if (lane == j % kWarp) {
+      if (j < kWarp) my_id[0] = int(e), my_w[0] = s;
+      else my_id[1] = int(e), my_w[1] = s;
+    }
+  }
+  float norm = (a.renormalize ? 1.f / (picked + 1e-20f) : 1.f) * a.scale;
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    int j = lane + q * kWarp;
+    if (j < a.top_k) {
+      a.topk_ids[t * a.top_k + j] = my_id[q];
+      a.topk_weights[t * a.top_k + j] = my_w[q] * norm;
+      a.slot[t * a.top_k + j] = atomicAdd(a.counts + my_id[q], 1);
+    }
+  }
+}
+
 struct OffsetArgs {
   const int32_t* counts;  // [E]
   int experts;
