@@ -19,7 +19,7 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -107,6 +107,10 @@ class FusedLatentMoE:
     fc1 : Tensor [latent, hidden] or None (then the experts read x, or the ``xe`` given to call)
     up_proj, down_proj : Tensors [E, I or 2I, width], [E, width, I]
     fc2 : Tensor [hidden, latent] or None
+    unfused : set of {"router_fc1", "relu2"}
+        Fusions to undo, for before/after measurements only: "router_fc1" runs fc1 as its own
+        GEMM (bf16 out) beside a router-only GEMM; "relu2" runs grouped GEMM 1 with a plain
+        epilogue and the activation as separate torch ops.
 
     Requirements
     ------------
@@ -116,7 +120,10 @@ class FusedLatentMoE:
     """
 
     def __init__(self, problem, gate_weight, e_score_correction_bias, fc1, up_proj, down_proj,
-                 fc2):
+                 fc2, unfused=frozenset()):
+        self.unfused = frozenset(unfused)
+        if not self.unfused <= {"router_fc1", "relu2"}:
+            raise ValueError(f"unfused: expected a subset of router_fc1, relu2; got {unfused}")
         self.problem = problem
         self.dtype = up_proj.dtype
         self.device = up_proj.device
@@ -124,9 +131,16 @@ class FusedLatentMoE:
         hi = gate.to(self.dtype)
         lo = (gate - hi.float()).to(self.dtype)
         self.has_lo = bool(lo.abs().amax().item() > 0)  # once, at preparation time
+        self.w_fc1 = None
+        if fc1 is not None and "router_fc1" in self.unfused:
+            self.w_fc1, fc1 = fc1.to(self.dtype).contiguous(), None
         parts = ([] if fc1 is None else [fc1.to(self.dtype)]) + [hi] + ([lo] if self.has_lo
                                                                       else [])
-        self.w_cat = torch.cat(parts).contiguous()
+        w_cat = torch.cat(parts)
+        # Pad to 8 rows: the fp32 output rows stay 16-byte aligned for TMA and the gather's
+        # vector loads whatever the expert count.
+        pad = -w_cat.shape[0] % 8
+        self.w_cat = torch.cat([w_cat, w_cat.new_zeros(pad, w_cat.shape[1])]).contiguous()
         self.fc1_rows = 0 if fc1 is None else fc1.shape[0]
         self.bias = (None if e_score_correction_bias is None
                      else e_score_correction_bias.float().contiguous())
@@ -140,6 +154,8 @@ class FusedLatentMoE:
         """Loaded kernels for ``tokens`` (resolved once per token count, never per call)."""
         if tokens not in self._plans:
             plan = default_plan(self.problem, tokens)
+            if "relu2" in self.unfused:
+                plan = replace(plan, up=plan.up.with_epilogue("identity"))
             self._plans[tokens] = tuple(load(c) for c in plan.configs())
         return self._plans[tokens]
 
@@ -159,6 +175,8 @@ class FusedLatentMoE:
             # inside graph capture too.
             return torch.empty(shape, dtype=dtype, device=x.device)
 
+        if self.w_fc1 is not None:  # unfused measurement variant
+            xe = fc2.dense(x, self.w_fc1, new(t, width))
         cat = new(t, self.w_cat.shape[0], dtype=torch.float32)
         router.dense(x, self.w_cat, cat)
         ids, weights = new(t, k, dtype=torch.int32), new(t, k, dtype=torch.float32)
@@ -187,6 +205,8 @@ class FusedLatentMoE:
             src = x if xe is None else xe.contiguous()
             self.routing("gather", src, src.shape[1], t, k, width, ids, slot, start, a1, row_of)
         up.run(mnk1, ptrs1[0], ptrs1[1], ptrs1[2])
+        if "relu2" in self.unfused and p.activation == "relu2":
+            h1.relu_().square_()
         if p.activation == "swiglu":
             self.routing("swiglu", h1, h2, rows, inter)
         down.run(mnk2, ptrs2[0], ptrs2[1], ptrs2[2])

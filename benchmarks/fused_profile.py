@@ -74,13 +74,32 @@ def main(argv=None) -> int:
     ap.add_argument("--activation", default=None)
     ap.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
     ap.add_argument("--out", default="fused_profile.json")
+    ap.add_argument("--unfused", default="router_fc1,relu2",
+                    help="fusions to also time undone, one at a time (before/after)")
     args = ap.parse_args(argv)
     p = preset(args.preset)
     if args.activation:
         p = p.with_(activation=args.activation)
-    layer = fused(p, make_weights(p, 0))
+    weights = make_weights(p, 0)
+    layer = fused(p, weights)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    rows = [profile_tokens(layer, p, int(t), gen) for t in args.tokens.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rows = [profile_tokens(layer, p, t, gen) for t in tokens]
+    variants = [v for v in args.unfused.split(",") if v]
+    for v in variants:
+        from autotune.fused import FusedLatentMoE
+
+        other = FusedLatentMoE(p, weights["gate_weight"], weights["e_score_correction_bias"],
+                               weights["fc1"], weights["up_proj"], weights["down_proj"],
+                               weights["fc2"], unfused={v})
+        for row, t in zip(rows, tokens, strict=True):
+            row[f"unfused_{v}_ms"] = profile_tokens(other, p, t, gen)["total_ms"]
+    if variants:
+        print("\nbefore/after each fusion (graph replay medians, ms)")
+        print("| T | fused | " + " | ".join(f"without {v}" for v in variants) + " |")
+        for r in rows:
+            print(f"| {r['tokens']} | {r['total_ms']:.4f} | "
+                  + " | ".join(f"{r[f'unfused_{v}_ms']:.4f}" for v in variants) + " |")
     keys = sorted({k for r in rows for k in r["kernels_ms"] if k != "gemm"})
     print(f"\n{p.key} on {torch.cuda.get_device_name()}")
     print("| T | total ms | " + " | ".join(keys) + " |")

@@ -305,6 +305,21 @@ __device__ inline To convert(From v) {
   return static_cast<To>(static_cast<float>(v));
 }
 
+// Eight consecutive source elements as floats, in 16-byte loads (the source row is 16-byte
+// aligned: widths are multiples of 8 elements).
+__device__ inline void load8(const float* p, float (&v)[8]) {
+  float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+template <class T>
+__device__ inline void load8(const T* p, float (&v)[8]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(e[i]);
+}
+
 // Sorted row of every (token, j) pair, and a copy of the token's expert input there (converted
 // to the GEMM's element type: the fused router+fc1 GEMM leaves fc1's output in fp32).
 template <class Element, class Src>
@@ -320,9 +335,11 @@ __global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int t
   const Src* s = src + t * ld_src;
   Element* d = dst + int64_t(row) * width;
   for (int c = lane * 8; c < width; c += kWarp * 8) {
+    float f[8];
+    load8(s + c, f);
     Element v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = convert<Element>(s[c + i]);
+    for (int i = 0; i < 8; ++i) v[i] = convert<Element>(f[i]);
     *reinterpret_cast<uint4*>(d + c) = *reinterpret_cast<uint4*>(v);
   }
 }

@@ -150,3 +150,8 @@ def test_graph_replay_with_fresh_inputs_equals_eager(tokens):
         torch.cuda.synchronize()
         assert torch.equal(out, eager), "graph replay differs from eager"
         assert rel_err(out, oracle(p, wts, x)) <= TOL
+
+
+@pytest.mark.parametrize("experts,top_k", [(7, 2), (33, 5)])
+def test_odd_expert_counts(experts, top_k):
+    check(LatentMoEProblem(1024, 256, 512, experts, top_k), 50)
