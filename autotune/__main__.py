@@ -18,6 +18,16 @@ from .problem import DEFAULT_PRESET, PRESETS, LatentMoEProblem, from_hf_config, 
 _SIZE_FLAGS = ("hidden_size", "latent_size", "intermediate_size", "num_experts", "top_k")
 
 
+_NONE = object()
+
+
+def _size(text: str):
+    """An int, or 'none' for an absent latent width."""
+    if text.strip().lower() == "none":
+        return _NONE
+    return int(text)
+
+
 def _tune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m autotune",
@@ -30,7 +40,9 @@ def _tune_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", metavar="CONFIG_JSON",
                    help="a Hugging Face Nemotron-H config.json")
     for name in _SIZE_FLAGS:
-        g.add_argument("--" + name.replace("_", "-"), type=int, help="override one size")
+        g.add_argument("--" + name.replace("_", "-"), type=_size if name == "latent_size" else int,
+                       help="override one size" + (" ('none': no latent projections)"
+                                                   if name == "latent_size" else ""))
     g.add_argument("--activation", choices=("relu2", "swiglu"))
     g.add_argument("--scoring", choices=("sigmoid", "softmax"))
     g.add_argument("--dtype", choices=("bfloat16", "float16"), default=None)
@@ -38,6 +50,8 @@ def _tune_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokens", help="comma-separated token buckets (default: 1..8192 and "
                    "midpoints)")
     t.add_argument("--trials", type=int, default=None, help="trials per study")
+    t.add_argument("--max-configs", type=int, default=None,
+                   help="candidate configs per epilogue kind, compiled once (default 16)")
     t.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     t.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     t.add_argument("--storage", help="optuna storage URL shared by workers (default: a journal "
@@ -62,6 +76,8 @@ def problem_from_args(args: argparse.Namespace) -> LatentMoEProblem:
             else preset(args.preset or DEFAULT_PRESET))
     changes = {k: getattr(args, k) for k in (*_SIZE_FLAGS, "activation", "scoring", "dtype")
                if getattr(args, k) is not None}
+    if changes.get("latent_size") is _NONE:
+        changes["latent_size"] = None
     return base.with_(**changes) if changes else base
 
 

@@ -19,60 +19,27 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
-from .space import KernelConfig, RoutingConfig, invalid_reason
+from .space import RoutingConfig, invalid_reason
+from .workload import Plan, default_plan, stages_of
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# Default configs per token range until a tuned table applies, from the H200 sweeps logged in
-# benchmarks/NOTES.md. While experts see about one token, swap-AB puts the tokens on a 16-wide N
-# tile; the dense projections then take 64-row weight tiles so that more SMs stream the weights.
-# Up to ~1k tokens swap-AB with a 64-wide N tile; then 128x256 cooperative tiles.
-_SMALL, _MID = 16, 1024
-_PP, _COOP = "pingpong", "cooperative"
 
+def tuned_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
+    """The configs for ``tokens``: the tuned table's winners where one applies (looked up once
+    per process), the default tiers elsewhere (one warning names the tune command)."""
+    from .cache import tuned_table
 
-@dataclass(frozen=True)
-class Plan:
-    """The GEMM configs of one forward: router(+fc1), grouped up, grouped down, fc2."""
-
-    router: KernelConfig
-    up: KernelConfig
-    down: KernelConfig
-    fc2: KernelConfig
-
-    def configs(self) -> list[KernelConfig]:
-        return [self.router, self.up, self.down, self.fc2]
-
-
-def default_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
-    """The untuned, always-valid configs for ``tokens`` tokens."""
-    dt = _DTYPE_NAMES[_torch_dtype(problem.dtype)]
-    if tokens <= _SMALL:
-        dense = KernelConfig(64, 16, 128, 1, 1, _PP, True, dtype=dt)
-        grouped = KernelConfig(128, 16, 128, 1, 1, _PP, True, dtype=dt)
-        router = dense
-    elif tokens <= _MID:
-        dense = grouped = router = KernelConfig(128, 64, 128, 1, 1, _PP, True, dtype=dt)
-    else:
-        dense = grouped = KernelConfig(128, 256, 64, 1, 1, _COOP, dtype=dt)
-        router = KernelConfig(128, 128, 64, 1, 1, _COOP, dtype=dt)
-    up = grouped.with_epilogue("relu2" if problem.activation == "relu2" else "identity")
-    return Plan(router=router.with_epilogue("f32"), up=up, down=grouped, fc2=dense)
-
-
-def all_default_configs(problem: LatentMoEProblem) -> list[KernelConfig]:
-    """Every config :func:`default_plan` can pick for ``problem`` (to build ahead of time)."""
-    seen: dict[str, KernelConfig] = {}
-    for tokens in (_SMALL, _MID, _MID + 1):
-        for c in default_plan(problem, tokens).configs():
-            seen[c.name] = c
-    return list(seen.values())
+    table = tuned_table(problem, "sm90")
+    plan = default_plan(problem, tokens)
+    fields = {"fc1": "router", "up": "up", "down": "down", "fc2": "fc2"}
+    return replace(plan, **{fields[s]: table.config_for(s, tokens) for s in stages_of(problem)})
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -153,7 +120,7 @@ class FusedLatentMoE:
     def kernels(self, tokens: int) -> tuple[GroupedGemm, ...]:
         """Loaded kernels for ``tokens`` (resolved once per token count, never per call)."""
         if tokens not in self._plans:
-            plan = default_plan(self.problem, tokens)
+            plan = tuned_plan(self.problem, tokens)
             if "relu2" in self.unfused:
                 plan = replace(plan, up=plan.up.with_epilogue("identity"))
             self._plans[tokens] = tuple(load(c) for c in plan.configs())

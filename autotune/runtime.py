@@ -134,19 +134,28 @@ class GroupedGemm:
         Rows past ``offs[-1]`` of ``out`` are left untouched.
         """
         _check_grouped_mm(self.config, a, b, offs)
-        groups, n, k = b.shape
         if out is None:
-            out = torch.empty((a.shape[0], n), dtype=self.out_dtype, device=a.device)
-        ends = offs.to(torch.int64)
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        mnk = torch.stack([(ends - starts), torch.full_like(ends, n),
-                           torch.full_like(ends, k)], dim=1).to(torch.int32)
-        esize = a.element_size()
-        ptr_a = a.data_ptr() + starts * (k * esize)
-        ptr_b = b.data_ptr() + torch.arange(groups, device=a.device) * (n * k * esize)
-        ptr_d = out.data_ptr() + starts * (n * out.element_size())
-        self.run(mnk.contiguous(), ptr_a, ptr_b, ptr_d)
+            out = torch.empty((a.shape[0], b.shape[1]), dtype=self.out_dtype, device=a.device)
+        self.run(*group_arrays(a, b, offs, out))
         return out
+
+
+def group_arrays(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
+                 out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-group (M, N, K) and A/B/D addresses of packed rows, built by device ops (no sync).
+
+    Group g owns rows ``offs[g-1]:offs[g]`` of ``a`` and ``out`` and matrix ``b[g]``; returns
+    ``(mnk int32 [G, 3], ptr_a, ptr_b, ptr_d int64 [G])`` as :meth:`GroupedGemm.run` takes them.
+    """
+    ends = offs.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    groups, n, k = b.shape
+    mnk = torch.stack([ends - starts, torch.full_like(ends, n), torch.full_like(ends, k)],
+                      dim=1).to(torch.int32).contiguous()
+    ptr_a = a.data_ptr() + starts * (k * a.element_size())
+    ptr_b = b.data_ptr() + torch.arange(groups, device=a.device) * (n * k * b.element_size())
+    ptr_d = out.data_ptr() + starts * (n * out.element_size())
+    return mnk, ptr_a, ptr_b, ptr_d
 
 
 def _check_grouped_mm(config: KernelConfig, a, b, offs) -> None:

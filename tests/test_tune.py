@@ -1,0 +1,731 @@
+"""The tuner's bookkeeping on the CPU, and the workload it times.
+
+A deterministic stand-in evaluator replaces the GPU here: these tests check studies, storage,
+resume, workers and selection, not kernels (tests/test_tune_gpu.py runs the real evaluator).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import FixedTrial, TrialState
+
+from autotune import tune
+from autotune.cache import DeviceInfo, read_table, tuning_key
+from autotune.problem import LatentMoEProblem, preset
+from autotune.runtime import group_arrays
+from autotune.space import invalid_reason, valid
+from autotune.tune import (
+    Failure,
+    GpuEvaluator,
+    Measurement,
+    TuningReport,
+    format_report,
+    plot_report,
+    run_tuning,
+    select_candidates,
+    stage_spaces,
+    study_name,
+)
+from autotune.workload import (
+    bucket_for,
+    default_config,
+    make_inputs,
+    parse_tokens,
+    reference_output,
+    rel_error,
+    route_sizes,
+    stage_shape,
+    stages_of,
+    token_buckets,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+PROBLEM = LatentMoEProblem(hidden_size=512, latent_size=256, intermediate_size=384,
+                           num_experts=8, top_k=2)
+DEVICE = DeviceInfo("NVIDIA Test GPU", 132, 13)
+
+
+# --------------------------------------------------------------------------------------------
+# The stand-in evaluator (module level: worker subprocesses import it)
+# --------------------------------------------------------------------------------------------
+
+def fake_ms(name: str, stage: str, tokens: int) -> float:
+    """A deterministic, config-dependent time per call."""
+    h = int.from_bytes(hashlib.sha256(f"{name}|{stage}|{tokens}".encode()).digest()[:4],
+                       "little")
+    return 0.01 + (h % 10000) / 1e5 * (1 + tokens / 64)
+
+
+@dataclass
+class StandIn:
+    """Evaluator stand-in: fake compile errors, wrong kernels, crashes, interrupts and kills."""
+
+    device: DeviceInfo = DEVICE
+    compile_fail: frozenset = frozenset()
+    wrong: frozenset = frozenset()
+    crash: frozenset = frozenset()
+    interrupt_after: int | None = None
+    exit_after: int | None = None
+    delay: float = 0.0
+    log_path: str | None = None
+    calls: list = field(default_factory=list)
+    prepared: list = field(default_factory=list)
+
+    def prepare(self, configs, jobs=None, on_done=None):
+        out = {}
+        for c in configs:
+            self.prepared.append(c.name)
+            out[c.name] = f"nvcc: error in {c.name}" if c.name in self.compile_fail else None
+            if on_done:
+                on_done(c.name, out[c.name])
+        return out
+
+    def evaluate(self, config, stage, tokens):
+        if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        if self.exit_after is not None and len(self.calls) >= self.exit_after:
+            os._exit(3)  # a kill: no cleanup, the trial stays RUNNING in the storage
+        assert valid(config, PROBLEM), f"invalid config reached the evaluator: {config.name}"
+        self.calls.append((config.name, stage, tokens))
+        if self.log_path:
+            line = json.dumps({"pid": os.getpid(), "stage": stage, "tokens": tokens,
+                               "config": config.name}) + "\n"
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(line)
+        if self.delay:
+            time.sleep(self.delay)
+        if config.name in self.crash:
+            raise RuntimeError("launch failed: misaligned address")
+        if config.name in self.wrong:
+            return Failure("wrong", "relative error 0.7 > 0.01 against the fp32 reference")
+        t = fake_ms(config.name, stage, tokens)
+        return Measurement(t, 0.98 * t, 1.03 * t, 20, 1e-3)
+
+    def peer(self, stage, tokens):
+        return Measurement(0.5, 0.49, 0.52, 20)
+
+
+def _worker_main(spec: dict) -> None:
+    """Entry of a worker subprocess: wait for the others, then tune with the stand-in."""
+    barrier = Path(spec["barrier"]) if spec.get("barrier") else None
+    if barrier is not None:
+        (barrier / f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 60
+        while len(list(barrier.glob("ready-*"))) < spec["workers"]:
+            if time.monotonic() > deadline:
+                raise SystemExit("barrier timeout")
+            time.sleep(0.01)
+    evaluator = StandIn(log_path=spec["log"], delay=spec.get("delay", 0.0),
+                        exit_after=spec.get("exit_after"))
+    run_tuning(PROBLEM, stages=spec["stages"], buckets=spec["buckets"], trials=spec["trials"],
+               storage=spec["storage"], worker=spec["worker"], evaluator=evaluator,
+               progress=False, max_configs=spec["max_configs"])
+
+
+def _spawn(spec: dict, cache: Path) -> subprocess.Popen:
+    code = (f"import sys; sys.path[:0] = {[str(ROOT), str(TESTS)]!r}; import test_tune; "
+            f"test_tune._worker_main({spec!r})")
+    env = {**os.environ, "AUTOTUNE_CACHE_DIR": str(cache)}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs, expect_rc=0) -> None:
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == expect_rc, out
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("AUTOTUNE_CONFIG_DIR", raising=False)
+    from autotune import cache
+
+    monkeypatch.setattr(cache, "runtime_versions", lambda: {
+        "package_version": "test", "nvcc_version": None, "cutlass_version": None})
+    cache.clear_cache()
+    yield
+    cache.clear_cache()
+
+
+def _key() -> str:
+    return tuning_key(PROBLEM, "sm90", DEVICE)
+
+
+def _studies(storage, stage=None):
+    """(stage, bucket) -> study for every study in ``storage``."""
+    out = {}
+    for s in optuna.get_all_study_summaries(storage):
+        _, st, bucket, *_ = s.study_name.split("|")
+        if stage is None or st == stage:
+            out[(st, int(bucket[1:]))] = optuna.load_study(study_name=s.study_name,
+                                                           storage=storage)
+    return out
+
+
+def _evaluated(study):
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and t.user_attrs.get("outcome") in tune._EVALUATED]
+
+
+def _journal(tmp_path) -> str:
+    return str(tmp_path / "cache" / "tuning" / f"{_key()}.journal")
+
+
+def _storage(path: str):
+    return tune.open_storage(path, _key())
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets, stages, workload
+# --------------------------------------------------------------------------------------------
+
+def test_token_buckets_are_powers_of_two_and_midpoints():
+    b = token_buckets()
+    assert b[:14] == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+    assert b[-4:] == (6144, 8192, 12288, 16384)
+    assert len(b) == 28 and list(b) == sorted(set(b))
+    assert token_buckets(8) == (1, 2, 3, 4, 6, 8)
+
+
+@pytest.mark.parametrize("text,expect", [("1,8,64", (1, 8, 64)), ("64, 8,8", (8, 64)),
+                                         (None, token_buckets()), ("all", token_buckets()),
+                                         ([3, 1], (1, 3))])
+def test_parse_tokens(text, expect):
+    assert parse_tokens(text) == expect
+
+
+@pytest.mark.parametrize("text", ["1,x", "0", "-4", ","])
+def test_parse_tokens_rejects_bad_input(text):
+    with pytest.raises(ValueError, match="--tokens"):
+        parse_tokens(text)
+
+
+@pytest.mark.parametrize("tokens,expect", [(0, 4), (1, 4), (4, 4), (5, 64), (64, 64),
+                                           (65, 1024), (1024, 1024), (5000, 1024)])
+def test_bucket_for_is_smallest_bucket_at_least_tokens_clamped(tokens, expect):
+    assert bucket_for(tokens, (4, 64, 1024)) == expect
+
+
+def test_bucket_for_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="tokens"):
+        bucket_for(-1, (1, 2))
+    with pytest.raises(ValueError, match="buckets"):
+        bucket_for(3, ())
+
+
+def test_stage_shapes_of_the_super_preset():
+    p = preset("nemotron-3-super")
+    assert stages_of(p) == ("fc1", "up", "down", "fc2")
+    up, down = stage_shape(p, "up"), stage_shape(p, "down")
+    assert (up.groups, up.n, up.k, up.epilogue, up.rows(10)) == (512, 2688, 1024, "relu2", 220)
+    assert (down.n, down.k, down.epilogue) == (1024, 2688, "identity")
+    fc1, fc2 = stage_shape(p, "fc1"), stage_shape(p, "fc2")
+    # The router's fp32 gate weight rides along as bf16 hi + lo parts: N = latent + 2E.
+    assert (fc1.grouped, fc1.n, fc1.k, fc1.epilogue, fc1.rows(10)) == (False, 2048, 4096,
+                                                                        "f32", 10)
+    assert (fc2.n, fc2.k, fc2.epilogue) == (4096, 1024, "identity")
+    # The concatenated router weight is padded to 8 rows, as the pipeline does.
+    assert stage_shape(PROBLEM.with_(num_experts=5), "fc1").n == 272  # 256 + 10 -> 272
+
+
+def test_stages_without_latent_and_with_swiglu():
+    plain = PROBLEM.with_(latent_size=None, activation="swiglu")
+    assert stages_of(plain) == ("up", "down")
+    assert stage_shape(plain, "up").n == 2 * 384 and stage_shape(plain, "up").k == 512
+    assert stage_shape(plain, "up").epilogue == "identity"
+    with pytest.raises(ValueError, match="stage 'fc1'"):
+        stage_shape(plain, "fc1")
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_route_sizes_sum_to_tokens_times_top_k(routing, tokens):
+    p = PROBLEM.with_(num_experts=64, top_k=6)
+    gen = torch.Generator().manual_seed(3)
+    sizes = route_sizes(p, tokens, routing, generator=gen)
+    assert sizes.shape == (64,) and sizes.dtype == torch.int64
+    assert int(sizes.sum()) == tokens * 6 and int(sizes.max()) <= tokens
+    again = route_sizes(p, tokens, routing, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sizes, again)
+
+
+def test_skewed_routing_concentrates_on_hot_experts():
+    p = PROBLEM.with_(num_experts=128, top_k=8)
+    uni = route_sizes(p, 4096, "uniform", generator=torch.Generator().manual_seed(0))
+    skew = route_sizes(p, 4096, "skewed", generator=torch.Generator().manual_seed(0))
+    top = lambda s: s.sort(descending=True).values[:8].sum() / s.sum()  # noqa: E731
+    assert top(skew) > 2 * top(uni)
+    with pytest.raises(ValueError, match="routing"):
+        route_sizes(p, 4, "zipf", generator=torch.Generator())
+
+
+@pytest.mark.parametrize("stage", ["fc1", "up", "down", "fc2"])
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_inputs_and_reference(stage, tokens):
+    gen = torch.Generator().manual_seed(11)
+    inp = make_inputs(PROBLEM, stage, tokens, generator=gen)
+    shape = stage_shape(PROBLEM, stage)
+    assert inp.a.dtype == torch.bfloat16 and inp.a.shape == (shape.rows(tokens), shape.k)
+    assert not (inp.a == 0).any() and not (inp.b == 0).any()
+    ref = reference_output(inp)
+    assert ref.dtype == torch.float32 and ref.shape == (shape.rows(tokens), shape.n)
+    a, b = inp.a.float(), inp.b.float()
+    if inp.offs is None:
+        expect = a @ b.T
+    else:
+        assert int(inp.offs[-1]) == shape.rows(tokens)
+        ends = [0] + inp.offs.tolist()
+        expect = torch.cat([a[ends[g]:ends[g + 1]] @ b[g].T for g in range(shape.groups)])
+    if shape.epilogue == "relu2":
+        expect = torch.relu(expect) ** 2
+    assert torch.allclose(ref, expect, rtol=1e-5, atol=1e-5)
+    # Scaled so outputs are O(1) whatever K is (relu2 squares them).
+    assert 0.1 < ref.abs().mean() < 10
+    assert inp.empty_out(float("nan")).dtype == (torch.float32 if stage == "fc1"
+                                                 else torch.bfloat16)
+
+
+def test_rel_error_flags_nan_and_measures_error():
+    x = torch.ones(4, 4)
+    assert rel_error(x, x) == 0.0
+    assert rel_error(x * 1.01, x) == pytest.approx(0.01)
+    y = x.clone()
+    y[0, 0] = float("nan")
+    assert rel_error(y, x) == float("inf")
+
+
+def test_default_configs_are_valid_for_every_stage_and_bucket():
+    for p in (PROBLEM, preset("nemotron-3-super"), PROBLEM.with_(activation="swiglu")):
+        for stage in stages_of(p):
+            for t in (0, *token_buckets(), 100000):
+                c = default_config(p, stage, t)
+                assert invalid_reason(c, p) is None, (stage, t, c.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates, spaces, samplers, naming
+# --------------------------------------------------------------------------------------------
+
+def test_select_candidates_keeps_defaults_and_caps():
+    cands = select_candidates(PROBLEM, "sm90", 12)
+    names = {c.name for c in cands}
+    assert len(cands) == 12 == len(names)
+    for stage in stages_of(PROBLEM):
+        for t in token_buckets():
+            assert default_config(PROBLEM, stage, t).with_epilogue("identity").name in names
+    assert all(c.epilogue == "identity" and valid(c, PROBLEM) for c in cands)
+    assert {c.swap_ab for c in cands} == {False, True}
+    every = select_candidates(PROBLEM, "sm90", None)
+    assert len(every) == len({c.name for c in every}) > 64
+
+
+def test_select_candidates_explicit_configs():
+    cands = select_candidates(PROBLEM, "sm90", configs=["sm90_bf16_128x128x64_c1x1_coop"])
+    assert "sm90_bf16_128x128x64_c1x1_coop" in {c.name for c in cands}
+    with pytest.raises(ValueError, match="sm90_bf16_64x64x64_c1x1_coop"):
+        select_candidates(PROBLEM, "sm90", configs=["sm90_bf16_64x64x64_c1x1_coop"])
+    with pytest.raises(ValueError, match="max_configs"):
+        select_candidates(PROBLEM, "sm90", 0)
+
+
+def test_small_space_is_brute_force_and_large_is_tpe():
+    small = stage_spaces(PROBLEM, "sm90", ["up"], max_configs=16)["up"]
+    large = stage_spaces(PROBLEM, "sm90", ["up"], max_configs=None)["up"]
+    assert small.brute_force and len(small.configs) == 16
+    assert not large.brute_force and len(large.configs) > tune.BRUTE_FORCE_MAX
+    assert isinstance(tune._sampler(small, "s", 8), optuna.samplers.BruteForceSampler)
+    assert isinstance(tune._sampler(large, "s", 8), optuna.samplers.TPESampler)
+    assert all(c.epilogue == "relu2" for c in small.configs)
+    assert small.digest != large.digest
+
+
+def test_decode_rejects_invalid_points_with_the_reason():
+    space = stage_spaces(PROBLEM, "sm90", ["down"], max_configs=None)["down"]
+    bad = {"tile_m": 64, "tile_n": 128, "tile_k": 64, "cluster": "1x1",
+           "schedule": "cooperative", "swap_ab": False}
+    point, runtime = space.decode(FixedTrial(bad))
+    assert isinstance(point, str) and "cooperative needs tile M" in point and runtime == {}
+    good = space.params_of(space.configs[3])
+    point, _ = space.decode(FixedTrial(good))
+    assert point == space.configs[3]
+    assert space.name_of(good) == space.configs[3].name
+
+
+def test_study_names_carry_key_stage_and_bucket():
+    key = _key()
+    a, b = study_name(key, "up", 8), study_name(key, "up", 16)
+    c = study_name(key, "down", 8)
+    assert len({a, b, c}) == 3
+    assert a.startswith(key) and "|up|" in a and "|t8|" in a + "|"
+    assert "sm90" in key and "nvidia-test-gpu-132sm" in key and "cuda13" in key
+    assert study_name(key, "up", 8, "skewed") != a
+
+
+# --------------------------------------------------------------------------------------------
+# Runs with the stand-in evaluator
+# --------------------------------------------------------------------------------------------
+
+def test_run_records_winners_and_writes_the_table(tmp_path):
+    ev = StandIn()
+    report = run_tuning(PROBLEM, stages=["up", "fc2"], buckets=[4, 64], trials=6,
+                        evaluator=ev, progress=False, max_configs=10)
+    assert isinstance(report, TuningReport) and report.timed
+    assert len(report.results) == 4 and len(ev.calls) == 4 * 6
+    assert len(set(ev.prepared)) == len(ev.prepared) == 20  # 10 tiles x 2 epilogues, once
+    for r in report.results:
+        timed = [(fake_ms(n, s, t), n) for n, s, t in ev.calls if (s, t) == (r.stage, r.bucket)]
+        assert r.winner.name == min(timed)[1]
+        assert r.runner_up.name == sorted(timed)[1][1]
+        assert r.default is not None and r.default.name == r.default_name
+        assert r.peer_ms == 0.5 and r.evaluated == 6
+    table = read_table(report.table_path)
+    assert table.config_for("up", 3).name == report.result("up", 4).winner.name
+    assert table.config_for("fc2", 1000).name == report.result("fc2", 64).winner.name
+    text = format_report(report)
+    assert report.result("up", 64).winner.name in text and "x dflt" in text
+    png = plot_report(report, tmp_path / "plot" / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_config_is_measured_first():
+    ev = StandIn()
+    run_tuning(PROBLEM, stages=["down"], buckets=[2, 2048], trials=1, evaluator=ev,
+               progress=False, max_configs=8)
+    assert [c[0] for c in ev.calls] == [default_config(PROBLEM, "down", 2).name,
+                                        default_config(PROBLEM, "down", 2048).name]
+
+
+def test_failures_are_recorded_and_never_selected(tmp_path):
+    space = stage_spaces(PROBLEM, "sm90", ["down"], max_configs=10)["down"]
+    times = sorted((fake_ms(c.name, "down", 16), c.name) for c in space.configs)
+    fastest, second, third = (n for _, n in times[:3])
+    ev = StandIn(compile_fail=frozenset({fastest}), wrong=frozenset({second}),
+                 crash=frozenset({third}))
+    report = run_tuning(PROBLEM, stages=["down"], buckets=[16], trials=10, evaluator=ev,
+                        progress=False, max_configs=10)
+    r = report.result("down", 16)
+    assert r.winner.name == times[3][1]
+    kinds = {name: (kind, msg) for name, kind, msg in r.failures}
+    assert kinds[fastest][0] == "compile" and "nvcc: error" in kinds[fastest][1]
+    assert kinds[second][0] == "wrong" and "relative error" in kinds[second][1]
+    assert kinds[third][0] == "error" and "misaligned" in kinds[third][1]
+    assert fastest not in {c[0] for c in ev.calls}  # a failed compile is never evaluated
+    assert not any(c.name == fastest for c in report.compiled if c.ok)
+    study = _studies(_storage(_journal(tmp_path)))[("down", 16)]
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert {t.user_attrs["config"] for t in failed} == {fastest, second, third}
+    assert all(t.user_attrs["error"] for t in failed)
+    assert "3 candidate evaluations failed" in format_report(report)
+
+
+def test_wrong_kernel_is_never_the_winner_even_when_fastest():
+    space = stage_spaces(PROBLEM, "sm90", ["up"], max_configs=8)["up"]
+    fastest = min(space.configs, key=lambda c: fake_ms(c.name, "up", 8)).name
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[8], trials=8,
+                        evaluator=StandIn(wrong=frozenset({fastest})), progress=False,
+                        max_configs=8)
+    r = report.result("up", 8)
+    assert r.winner.name != fastest and (r.runner_up is None or r.runner_up.name != fastest)
+    assert (fastest, "wrong") in {(n, k) for n, k, _ in r.failures}
+
+
+def test_invalid_points_never_reach_the_evaluator(tmp_path):
+    ev = StandIn()
+    run_tuning(PROBLEM, stages=["down"], buckets=[32], trials=14, evaluator=ev,
+               progress=False, max_configs=None)
+    space = stage_spaces(PROBLEM, "sm90", ["down"], max_configs=None)["down"]
+    assert all(name in space.by_name for name, _, _ in ev.calls)
+    study = _studies(_storage(_journal(tmp_path)))[("down", 32)]
+    assert study.user_attrs["sampler"] == "tpe"
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["outcome"] == "invalid" and t.user_attrs["invalid_reason"]
+            assert t.constraints == {"valid": 1.0}
+            assert t.user_attrs.get("config") is None
+    assert len(_evaluated(study)) == 14 == len(ev.calls) == len({c[0] for c in ev.calls})
+
+
+def test_interrupted_run_resumes_keeping_finished_trials(tmp_path):
+    kw = dict(stages=["up", "down"], buckets=[4, 256], trials=6, progress=False, max_configs=9)
+    first = StandIn(interrupt_after=9)
+    with pytest.raises(KeyboardInterrupt):
+        run_tuning(PROBLEM, evaluator=first, **kw)
+    storage = _storage(_journal(tmp_path))
+    before = {k: [(t.number, t.value, t.user_attrs["config"]) for t in _evaluated(s)]
+              for k, s in _studies(storage).items()}
+    assert sum(map(len, before.values())) == 9
+    second = StandIn()
+    report = run_tuning(PROBLEM, evaluator=second, **kw)
+    assert len(first.calls) + len(second.calls) == 4 * 6  # nothing re-run
+    storage = _storage(_journal(tmp_path))
+    for k, study in _studies(storage).items():
+        done = _evaluated(study)
+        assert len(done) == 6
+        kept = [(t.number, t.value, t.user_attrs["config"]) for t in done]
+        assert kept[:len(before.get(k, []))] == before.get(k, [])
+        names = [t.user_attrs["config"] for t in done]
+        assert len(names) == len(set(names))
+        assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(r.evaluated == 6 for r in report.results)
+    # A third run finds the budget spent and evaluates nothing.
+    third = StandIn()
+    run_tuning(PROBLEM, evaluator=third, **kw)
+    assert third.calls == []
+
+
+def test_killed_run_resumes_and_retries_the_lost_trial(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    spec = dict(stages=["down"], buckets=[8], trials=7, storage=None, worker=False,
+                max_configs=9, log=str(log), exit_after=3)
+    proc = _spawn(spec, tmp_path / "cache")
+    _wait([proc], expect_rc=3)
+    study = _studies(_storage(_journal(tmp_path)))[("down", 8)]
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    assert len(running) == 1 and len(_evaluated(study)) == 3
+    lost = running[0]
+    ev = StandIn()
+    run_tuning(PROBLEM, stages=["down"], buckets=[8], trials=7, evaluator=ev, progress=False,
+               max_configs=9)
+    study = _studies(_storage(_journal(tmp_path)))[("down", 8)]
+    assert study.trials[lost.number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == lost.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    done = [t.user_attrs["config"] for t in _evaluated(study)]
+    assert len(done) == 7 == len(set(done)) and len(ev.calls) == 4
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def _check_shared_studies(storage, log: Path, trials: int, workers: int) -> None:
+    calls = collections.Counter()
+    for line in log.read_text().splitlines():
+        c = json.loads(line)
+        calls[(c["pid"], c["stage"], c["tokens"], c["config"])] += 1
+    recorded = collections.Counter()
+    for (stage, bucket), study in _studies(storage).items():
+        trials_ = study.get_trials(deepcopy=False)
+        assert not [t for t in trials_ if t.state == TrialState.RUNNING], "a trial was lost"
+        assert sorted(t.number for t in trials_) == list(range(len(trials_)))
+        done = _evaluated(study)
+        assert trials <= len(done) <= trials + workers - 1
+        names = [t.user_attrs["config"] for t in done]
+        assert len(names) == len(set(names)), "a config was evaluated twice"
+        for t in done:
+            recorded[(t.user_attrs["pid"], stage, bucket, t.user_attrs["config"])] += 1
+    # Every evaluation is one stored trial and every stored evaluation happened once.
+    assert calls == recorded
+    assert len({pid for pid, *_ in calls}) == workers, "both workers should have pulled trials"
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_share_one_storage(tmp_path, kind):
+    storage = (_journal(tmp_path) if kind == "journal"
+               else f"sqlite:///{tmp_path / 'studies.db'}")
+    kw = dict(stages=["up"], buckets=[4, 64], max_configs=12)
+    # The first run creates and seeds the studies; the workers then only pull trials.
+    run_tuning(PROBLEM, trials=0, storage=storage, evaluator=StandIn(), progress=False, **kw)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    log = tmp_path / "calls.jsonl"
+    spec = dict(trials=10, storage=storage, worker=True, log=str(log), delay=0.03,
+                barrier=str(barrier), workers=2, **kw)
+    _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
+    _check_shared_studies(tune.open_storage(storage, _key()), log, 10, 2)
+
+
+def _postgres_unavailable() -> str | None:
+    for tool in ("initdb", "pg_ctl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: postgresql)"
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return "psycopg2 is not importable (pip install psycopg2-binary)"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "initdb refuses to run as root"
+    return None
+
+
+@pytest.mark.skipif(_postgres_unavailable() is not None,
+                    reason=f"PostgreSQL variant: {_postgres_unavailable()}")
+def test_two_workers_share_a_postgres_storage(tmp_path):
+    data, sock = tmp_path / "pg", tmp_path / "sock"
+    sock.mkdir()
+    subprocess.run(["initdb", "-D", str(data), "-U", "tune", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run(["pg_ctl", "-D", str(data), "-w", "-l", str(tmp_path / "pg.log"), "-o",
+                    f"-k {sock} -c listen_addresses='' -p 54329", "start"], check=True,
+                   capture_output=True)
+    try:
+        url = f"postgresql://tune@/postgres?host={sock}&port=54329"
+        kw = dict(stages=["up"], buckets=[4, 64], max_configs=12)
+        run_tuning(PROBLEM, trials=0, storage=url, evaluator=StandIn(), progress=False, **kw)
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        log = tmp_path / "calls.jsonl"
+        spec = dict(trials=10, storage=url, worker=True, log=str(log), delay=0.03,
+                    barrier=str(barrier), workers=2, **kw)
+        _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
+        _check_shared_studies(tune.open_storage(url, _key()), log, 10, 2)
+    finally:
+        subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+
+
+def test_worker_without_studies_does_nothing():
+    ev = StandIn()
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[4], trials=5, worker=True,
+                        evaluator=ev, progress=False, max_configs=8)
+    assert ev.calls == [] and report.results == () and report.table_path is None
+    assert any("no study" in n for n in report.notes)
+
+
+def test_time_budget_stops_the_run():
+    ev = StandIn(delay=0.05)
+    start = time.monotonic()
+    report = run_tuning(PROBLEM, stages=["up", "down"], buckets=[1, 2, 4], trials=16,
+                        time_budget=0.6, evaluator=ev, progress=False, max_configs=16)
+    assert time.monotonic() - start < 8
+    assert 0 < len(ev.calls) < 6 * 16
+    assert sum(r.evaluated for r in report.results) == len(ev.calls)
+
+
+class NoDevice:
+    """A stand-in on a machine without the GPU: it can compile, but has no device."""
+
+    def __init__(self):
+        self.inner = StandIn()
+        self.calls = self.inner.calls
+
+    @property
+    def device(self):
+        raise RuntimeError("no GPU")
+
+    def prepare(self, *args, **kwargs):
+        return self.inner.prepare(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        return self.inner.evaluate(*args, **kwargs)
+
+
+def test_compile_only_times_nothing_and_needs_no_device():
+    ev = NoDevice()
+    report = run_tuning(PROBLEM, buckets=[1], compile_only=True, evaluator=ev, progress=False,
+                        max_configs=6)
+    assert not report.timed and report.results == () and ev.calls == []
+    # Every tile (the defaults always, past the cap of 6) x (f32, relu2, identity), once.
+    tiles = select_candidates(PROBLEM, "sm90", 6)
+    assert len(tiles) >= 6
+    assert len(report.compiled) == 3 * len(tiles) and all(r.ok for r in report.compiled)
+    with pytest.raises(RuntimeError, match="no GPU"):
+        run_tuning(PROBLEM, buckets=[1], evaluator=NoDevice(), progress=False)
+
+
+def test_gpu_evaluator_says_timing_needs_the_gpu():
+    ev = GpuEvaluator(PROBLEM)  # constructing touches nothing
+    assert all(hasattr(GpuEvaluator, m) for m in ("device", "prepare", "evaluate", "peer"))
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="timing needs an sm90 GPU"):
+        _ = ev.device
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(trials=-1), "--trials"), (dict(trials=1.5), "--trials"),
+    (dict(time_budget=0), "--time-budget"), (dict(jobs=0), "--jobs"),
+    (dict(stages=["gate"]), "stages"), (dict(buckets=[0]), "--tokens"),
+    (dict(routing="zipf"), "routing"),
+])
+def test_run_tuning_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_tuning(PROBLEM, evaluator=StandIn(), progress=False, **kwargs)
+
+
+def test_run_tuning_rejects_a_non_problem():
+    with pytest.raises(TypeError, match="problem"):
+        run_tuning({"hidden_size": 4}, evaluator=StandIn(), progress=False)
+
+
+def test_main_from_args_prints_table_and_plot(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
+    args = argparse.Namespace(tokens="2,32", trials=3, time_budget=None, jobs=None,
+                              storage=None, worker=False, cache_dir=str(tmp_path / "c2"),
+                              compile_only=False, configs=None)
+    assert tune.main_from_args(args, PROBLEM, "sm90") == 0
+    out = capsys.readouterr().out
+    assert "stage up" in out and "table:" in out and "plot:" in out
+    assert list((tmp_path / "c2" / "reports").glob("*.png"))
+    assert list((tmp_path / "c2" / "tuned").glob("*.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# The real evaluator's correctness gate and pointer arrays, with torch standing in for kernels
+# --------------------------------------------------------------------------------------------
+
+class TorchKernel:
+    """Computes a stage like a kernel would, optionally wrong or leaving rows unwritten."""
+
+    def __init__(self, config, mode="right"):
+        self.config, self.mode = config, mode
+
+    def _write(self, acc, out):
+        from autotune.workload import apply_epilogue
+
+        y = apply_epilogue(acc, self.config.epilogue).to(out.dtype)
+        if self.mode == "noisy":
+            y = y + 0.1 * y.abs().mean()
+        rows = out.shape[0] - 1 if self.mode == "skip_row" else out.shape[0]
+        out[:rows] = y[:rows]
+        return out
+
+    def dense(self, a, b, out):
+        return self._write(a.float() @ b.float().T, out)
+
+    def grouped_mm(self, a, b, offs, out):
+        ends = [0] + offs.tolist()
+        acc = torch.cat([a[ends[g]:ends[g + 1]].float() @ b[g].float().T
+                         for g in range(b.shape[0])])
+        return self._write(acc, out)
+
+
+@pytest.mark.parametrize("stage", ["fc1", "up", "down", "fc2"])
+@pytest.mark.parametrize("mode,ok", [("right", True), ("noisy", False), ("skip_row", False)])
+def test_gpu_evaluator_gate(stage, mode, ok):
+    ev = GpuEvaluator(PROBLEM)
+    config = default_config(PROBLEM, stage, 24)
+    failure, err = ev._check(TorchKernel(config, mode), stage, 24, torch.device("cpu"))
+    if ok:
+        assert failure is None and err < 1e-2
+    else:
+        assert failure.kind == "wrong" and "relative error" in failure.message
+        assert err > 1e-2
+
+
+def test_pointer_arrays_address_each_groups_rows():
+    inp = make_inputs(PROBLEM, "down", 9, generator=torch.Generator().manual_seed(1))
+    out = inp.empty_out()
+    mnk, pa, pb, pd = group_arrays(inp.a, inp.b, inp.offs, out)
+    ends = [0] + inp.offs.tolist()
+    for g in range(PROBLEM.num_experts):
+        assert mnk[g].tolist() == [ends[g + 1] - ends[g], out.shape[1], inp.a.shape[1]]
+        assert int(pb[g]) == inp.b[g].data_ptr()
+        if ends[g] < inp.a.shape[0]:
+            assert int(pa[g]) == inp.a[ends[g]].data_ptr()
+            assert int(pd[g]) == out[ends[g]].data_ptr()
