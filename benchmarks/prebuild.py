@@ -1,0 +1,40 @@
+"""Compile, in one parallel batch, every kernel the GPU tests and the benchmark will load.
+
+Usage (before `pytest -m gpu` or `python -m autotune bench` on a fresh cache):
+    python benchmarks/prebuild.py
+
+Kernels otherwise compile on first use, one at a time; this batch uses every core at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from autotune.build import build
+from autotune.cache import tuned_table
+from autotune.problem import PRESETS
+from autotune.space import KernelConfig, RoutingConfig, default_configs
+from autotune.workload import all_default_configs, stages_of
+
+
+def wanted() -> list:
+    configs: list = [RoutingConfig("bf16"), RoutingConfig("fp16"), *default_configs("sm90")]
+    for p in PRESETS.values():
+        for variant in (p, p.with_(activation="swiglu"), p.with_(dtype="float16")):
+            configs += all_default_configs(variant)
+        table = tuned_table(p, "sm90")
+        for stage in stages_of(p):
+            for bucket in table.buckets(stage):
+                configs.append(KernelConfig.from_dict(table.entries[stage][bucket].winner.config))
+    return list({c.name: c for c in configs}.values())
+
+
+if __name__ == "__main__":
+    start = time.time()
+    results = build(wanted())
+    failed = [r for r in results if not r.ok]
+    print(f"built or cached {len(results) - len(failed)}/{len(results)} in "
+          f"{time.time() - start:.0f} s")
+    for r in failed:
+        print(f"FAILED {r.config.name}:\n{r.log[-2000:]}")
+    raise SystemExit(1 if failed else 0)
