@@ -93,7 +93,7 @@ def measure_ceilings(device: torch.device | None = None) -> dict[str, float]:
     dst = torch.empty_like(src)
     t_copy = time_graph([lambda: dst.copy_(src)], replays=20, warmup=10, calls=4)
     total = torch.empty((), device=device, dtype=torch.float32)
-    t_read = time_graph([lambda: torch.sum(src, dtype=torch.float32, out=total)], replays=20,
+    t_read = time_graph([lambda: torch.sum(src, 0, dtype=torch.float32, out=total)], replays=20,
                         warmup=10, calls=4)
     nbytes = src.numel() * src.element_size()
     return {"copy_bw_bytes_per_s": 2 * nbytes / (t_copy.median_ms * 1e-3),

@@ -8,6 +8,7 @@ Kernels otherwise compile on first use, one at a time; this batch uses every cor
 
 from __future__ import annotations
 
+import sys
 import time
 
 from autotune.build import build
@@ -17,10 +18,11 @@ from autotune.space import KernelConfig, RoutingConfig, default_configs
 from autotune.workload import all_default_configs, stages_of
 
 
-def wanted() -> list:
+def wanted(fp16: bool = True) -> list:
     configs: list = [RoutingConfig("bf16"), RoutingConfig("fp16"), *default_configs("sm90")]
     for p in PRESETS.values():
-        for variant in (p, p.with_(activation="swiglu"), p.with_(dtype="float16")):
+        for variant in (p, p.with_(activation="swiglu")) + ((p.with_(dtype="float16"),)
+                                                            if fp16 else ()):
             configs += all_default_configs(variant)
         table = tuned_table(p, "sm90")
         for stage in stages_of(p):
@@ -31,7 +33,7 @@ def wanted() -> list:
 
 if __name__ == "__main__":
     start = time.time()
-    results = build(wanted())
+    results = build(wanted(fp16="--no-fp16" not in sys.argv))
     failed = [r for r in results if not r.ok]
     print(f"built or cached {len(results) - len(failed)}/{len(results)} in "
           f"{time.time() - start:.0f} s")
