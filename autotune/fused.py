@@ -18,6 +18,7 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -46,8 +47,10 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+@functools.lru_cache(maxsize=256)
 def unsupported_reason(problem: LatentMoEProblem, device: torch.device) -> str | None:
-    """Why the fused path cannot run ``problem`` on ``device``, or None."""
+    """Why the fused path cannot run ``problem`` on ``device``, or None (memoised: it is asked
+    on every call)."""
     if device.type != "cuda":
         return f"tensors are on {device}, the CUTLASS backend needs a CUDA device"
     cap = torch.cuda.get_device_capability(device)
