@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,6 +549,19 @@ def test_two_workers_share_one_storage(tmp_path, kind):
     _check_shared_studies(tune.open_storage(storage, _key()), log, 10, 2)
 
 
+def _postgres_user() -> tuple[int, int] | None:
+    """(uid, gid) to run the server as when this process is root (initdb refuses root)."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
 def _postgres_unavailable() -> str | None:
     for tool in ("initdb", "pg_ctl"):
         if shutil.which(tool) is None:
@@ -556,23 +570,33 @@ def _postgres_unavailable() -> str | None:
         import psycopg2  # noqa: F401
     except ImportError:
         return "psycopg2 is not importable (pip install psycopg2-binary)"
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return "initdb refuses to run as root"
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and (
+            _postgres_user() is None or shutil.which("runuser") is None):
+        return "running as root without a postgres user and runuser (initdb refuses root)"
     return None
+
+
+def _pg(args: list[str], user: tuple[int, int] | None) -> None:
+    cmd = ["runuser", "-u", "postgres", "--", *args] if user else args
+    subprocess.run(cmd, check=True, capture_output=True)
 
 
 @pytest.mark.skipif(_postgres_unavailable() is not None,
                     reason=f"PostgreSQL variant: {_postgres_unavailable()}")
 def test_two_workers_share_a_postgres_storage(tmp_path):
-    data, sock = tmp_path / "pg", tmp_path / "sock"
-    sock.mkdir()
-    subprocess.run(["initdb", "-D", str(data), "-U", "tune", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run(["pg_ctl", "-D", str(data), "-w", "-l", str(tmp_path / "pg.log"), "-o",
-                    f"-k {sock} -c listen_addresses='' -p 54329", "start"], check=True,
-                   capture_output=True)
+    user = _postgres_user()
+    # The server runs as the postgres user when we are root, so it gets a folder of its own
+    # outside pytest's private tmp tree.
+    root = Path(tempfile.mkdtemp(prefix="autotune-pg-"))
+    if user:
+        os.chown(root, *user)
+    data, sock = root / "pg", root / "sock"
+    _pg(["mkdir", str(sock)], user)
+    _pg(["initdb", "-D", str(data), "-U", "tune", "--auth=trust"], user)
+    _pg(["pg_ctl", "-D", str(data), "-w", "-l", str(root / "pg.log"), "-o",
+         f"-k {sock} -c listen_addresses='' -p 54329", "start"], user)
     try:
-        url = f"postgresql://tune@/postgres?host={sock}&port=54329"
+        url = f"postgresql+psycopg2://tune@/postgres?host={sock}&port=54329"
         kw = dict(stages=["up"], buckets=[4, 64], max_configs=12)
         run_tuning(PROBLEM, trials=0, storage=url, evaluator=StandIn(), progress=False, **kw)
         barrier = tmp_path / "barrier"
@@ -583,8 +607,10 @@ def test_two_workers_share_a_postgres_storage(tmp_path):
         _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
         _check_shared_studies(tune.open_storage(url, _key()), log, 10, 2)
     finally:
-        subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
+        subprocess.run((["runuser", "-u", "postgres", "--"] if user else [])
+                       + ["pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_worker_without_studies_does_nothing():
