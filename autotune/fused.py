@@ -24,10 +24,11 @@ from dataclasses import replace
 
 import torch
 
+from .cache import tuned_table
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
 from .space import RoutingConfig, invalid_reason
-from .workload import Plan, default_plan, stages_of
+from .workload import PLAN_FIELD, Plan, default_plan, stages_of
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -35,12 +36,9 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 def tuned_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
     """The configs for ``tokens``: the tuned table's winners where one applies (looked up once
     per process), the default tiers elsewhere (one warning names the tune command)."""
-    from .cache import tuned_table
-
     table = tuned_table(problem, "sm90")
     plan = default_plan(problem, tokens)
-    fields = {"fc1": "router", "up": "up", "down": "down", "fc2": "fc2"}
-    return replace(plan, **{fields[s]: table.config_for(s, tokens) for s in stages_of(problem)})
+    return replace(plan, **{PLAN_FIELD[s]: table.config_for(s, tokens) for s in stages_of(problem)})
 
 
 def _torch_dtype(name: str) -> torch.dtype:

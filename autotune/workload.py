@@ -249,7 +249,7 @@ def all_default_configs(problem: LatentMoEProblem) -> list[KernelConfig]:
     return list(seen.values())
 
 
-_PLAN_FIELD = {"fc1": "router", "up": "up", "down": "down", "fc2": "fc2"}
+PLAN_FIELD = {"fc1": "router", "up": "up", "down": "down", "fc2": "fc2"}
 
 
 def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
@@ -267,7 +267,7 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
         raise ValueError(f"tokens must be an int >= 0, got {tokens!r}")
     check_stage(problem, stage)
     config_dtype(problem)
-    config = getattr(default_plan(problem, tokens), _PLAN_FIELD[stage])
+    config = getattr(default_plan(problem, tokens), PLAN_FIELD[stage])
     epilogue = stage_epilogue(problem, stage)
     if config.epilogue != epilogue or config.arch != arch:
         config = KernelConfig(**{**config.to_dict(), "epilogue": epilogue, "arch": arch})
