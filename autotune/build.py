@@ -117,9 +117,12 @@ def nvcc_flags(arch: str) -> list[str]:
 
 def build_key(config: KernelConfig, nvcc: str) -> str:
     """Hash of everything that determines the binary of ``config``."""
+    # Include folders are hashed by content (templates, CUTLASS tree), not by path, so a cache
+    # stays valid when the package or its virtual environment moves.
+    flags = [f for f in nvcc_flags(config.arch) if not f.startswith("-I")]
     parts = {
         "source": render(config), "templates": templates_hash(), "cutlass": cutlass_tree_hash(),
-        "nvcc": nvcc_version(nvcc), "flags": nvcc_flags(config.arch), "package": __version__,
+        "nvcc": nvcc_version(nvcc), "flags": flags, "package": __version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
