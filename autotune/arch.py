@@ -33,12 +33,13 @@ class Arch:
 
 
 # sm90a (not sm90) is required: wgmma, setmaxnreg and TMA multicast are arch-conditional features
-# that a plain sm_90 target rejects.
+# that a plain sm_90 target rejects. The sm80/sm89 libraries also embed PTX: machine code does not
+# run across major versions, and with the PTX newer GPUs (an H200 too) JIT-compile and run them.
 ARCHS: dict[str, Arch] = {
-    "sm80": Arch("sm80", (8, 0), "arch=compute_80,code=sm_80", 163 * 1024, 108, (11, 0), False,
-                 "A100"),
-    "sm89": Arch("sm89", (8, 9), "arch=compute_89,code=sm_89", 99 * 1024, 142, (11, 8), False,
-                 "L40S, L4"),
+    "sm80": Arch("sm80", (8, 0), "arch=compute_80,code=[sm_80,compute_80]", 163 * 1024, 108,
+                 (11, 0), True, "A100"),
+    "sm89": Arch("sm89", (8, 9), "arch=compute_89,code=[sm_89,compute_89]", 99 * 1024, 142,
+                 (11, 8), True, "L40S, L4"),
     "sm90": Arch("sm90", (9, 0), "arch=compute_90a,code=sm_90a", 227 * 1024, 132, (12, 3), True,
                  "H100, H200"),
     "sm100": Arch("sm100", (10, 0), "arch=compute_100a,code=sm_100a", 227 * 1024, 148, (12, 8),

@@ -13,11 +13,12 @@ from pathlib import Path
 import jinja2
 
 from .env import generated_dir, template_dir
-from .space import KernelConfig, RoutingConfig, invalid_reason
+from .space import KernelConfig, RoutingConfig, Sm80Config, invalid_reason
 
 _ELEMENT = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _CUDA_ELEMENT = {"bf16": "__nv_bfloat16", "fp16": "__half"}
-_TEMPLATE = {"sm90": "sm90_grouped_gemm.cu.j2"}
+_TEMPLATE = {"sm90": "sm90_grouped_gemm.cu.j2", "sm80": "sm80_grouped_gemm.cu.j2",
+             "sm89": "sm80_grouped_gemm.cu.j2"}
 # Must match enum EpilogueKind in templates/sm90_grouped_gemm.cuh.
 _EPILOGUE_KIND = {"identity": "0", "relu2": "1", "f32": "2"}
 
@@ -31,7 +32,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def template_name(config: KernelConfig | RoutingConfig) -> str:
+def template_name(config: KernelConfig | Sm80Config | RoutingConfig) -> str:
     """File name of the template that renders ``config``."""
     if isinstance(config, RoutingConfig):
         return "moe_routing.cu.j2"
@@ -40,10 +41,14 @@ def template_name(config: KernelConfig | RoutingConfig) -> str:
     return _TEMPLATE[config.arch]
 
 
-def context(config: KernelConfig | RoutingConfig) -> dict[str, str]:
+def context(config: KernelConfig | Sm80Config | RoutingConfig) -> dict[str, str]:
     """The template variables of ``config``, already stringified for C++."""
     if isinstance(config, RoutingConfig):
         return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
+    if isinstance(config, Sm80Config):
+        return {"name": config.name, "element": _ELEMENT[config.dtype],
+                **{k: str(getattr(config, k))
+                   for k in ("tb_m", "tb_n", "tb_k", "warp_m", "warp_n", "stages")}}
     return {
         "name": config.name,
         "element": _ELEMENT[config.dtype],
@@ -58,7 +63,7 @@ def context(config: KernelConfig | RoutingConfig) -> dict[str, str]:
     }
 
 
-def render(config: KernelConfig | RoutingConfig) -> str:
+def render(config: KernelConfig | Sm80Config | RoutingConfig) -> str:
     """The CUDA source of ``config``.
 
     Requirements
@@ -85,7 +90,8 @@ def templates_hash() -> str:
     return h.hexdigest()
 
 
-def write_source(config: KernelConfig | RoutingConfig, out_dir: Path | None = None) -> Path:
+def write_source(config: KernelConfig | Sm80Config | RoutingConfig,
+                 out_dir: Path | None = None) -> Path:
     """Render ``config`` into ``out_dir/<name>.cu`` (default :func:`generated_dir`).
 
     The file is rewritten only when its text changes, through a temporary file and

@@ -91,6 +91,69 @@ class RoutingConfig:
         return f"{self.arch}_{self.dtype}_moe_routing"
 
 
+@dataclass(frozen=True)
+class Sm80Config:
+    """One sm80/sm89 CUTLASS 2.x grouped-GEMM variant: threadblock tile, warp tile, stages.
+
+    Same GEMM and C ABI as :class:`KernelConfig` (``D_g = A_g @ B_g^T``, row-major); the warp
+    tile's K equals the threadblock's, and the tensor-core instruction is Ampere's 16x8x16.
+    """
+
+    tb_m: int
+    tb_n: int
+    tb_k: int
+    warp_m: int
+    warp_n: int
+    stages: int
+    epilogue: str = "identity"
+    dtype: str = "bf16"
+    arch: str = "sm80"
+
+    @property
+    def name(self) -> str:
+        return (f"{self.arch}_{self.dtype}_{self.tb_m}x{self.tb_n}x{self.tb_k}"
+                f"_w{self.warp_m}x{self.warp_n}_s{self.stages}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Sm80Config:
+        return cls(**d)
+
+
+SM80_ARCHS = ("sm80", "sm89")
+
+
+def _sm80_reason(c: Sm80Config, smem_per_block: int) -> str | None:
+    if c.arch not in SM80_ARCHS:
+        return f"Sm80Config is for {', '.join(SM80_ARCHS)}, not {c.arch}"
+    if c.dtype not in DTYPES:
+        return f"dtype {c.dtype!r} not in {DTYPES}"
+    if c.epilogue != "identity":
+        return f"epilogue {c.epilogue!r}: the sm80 kernels have the identity epilogue only"
+    if c.tb_m not in (32, 64, 128, 256) or c.tb_n not in (32, 64, 128, 256):
+        return f"threadblock tile {c.tb_m}x{c.tb_n} must use 32, 64, 128 or 256"
+    if c.tb_k not in (32, 64):
+        return f"threadblock K must be 32 or 64, got {c.tb_k}"
+    # Warp tiles are whole multiples of the 16x8x16 mma, and a threadblock holds 1-8 warps.
+    if c.warp_m not in (16, 32, 64, 128) or c.warp_n not in (16, 32, 64, 128):
+        return f"warp tile {c.warp_m}x{c.warp_n} must use 16, 32, 64 or 128"
+    if c.tb_m % c.warp_m or c.tb_n % c.warp_n:
+        return f"warp tile {c.warp_m}x{c.warp_n} does not divide {c.tb_m}x{c.tb_n}"
+    warps = (c.tb_m // c.warp_m) * (c.tb_n // c.warp_n)
+    if warps not in (1, 2, 4, 8):
+        return f"{warps} warps per threadblock; 1, 2, 4 or 8 are supported"
+    # cp.async multistage mainloop: at least three stages keep loads in flight.
+    if not 3 <= c.stages <= 6:
+        return f"stages must be in [3, 6], got {c.stages}"
+    need = c.stages * (c.tb_m + c.tb_n) * c.tb_k * _DTYPE_BYTES[c.dtype]
+    if need > smem_per_block:
+        return (f"{c.stages} stages of {c.tb_m}x{c.tb_n}x{c.tb_k} need {need} B of shared "
+                f"memory, over {smem_per_block} B on {c.arch}")
+    return None
+
+
 def _stage_bytes(c: KernelConfig) -> int:
     return (c.tile_m + c.tile_n) * c.tile_k * _DTYPE_BYTES[c.dtype]
 
@@ -132,7 +195,7 @@ def _cluster_reason(c: KernelConfig) -> str | None:
     return None
 
 
-def _problem_reason(c: KernelConfig, problem: LatentMoEProblem) -> str | None:
+def _problem_reason(c: KernelConfig | Sm80Config, problem: LatentMoEProblem) -> str | None:
     per = ALIGN_BYTES // _DTYPE_BYTES[c.dtype]
     dims = {"expert width (latent or hidden)": problem.expert_width,
             "intermediate_size": problem.intermediate_size, "hidden_size": problem.hidden_size}
@@ -145,7 +208,7 @@ def _problem_reason(c: KernelConfig, problem: LatentMoEProblem) -> str | None:
     return None
 
 
-def invalid_reason(config: KernelConfig | RoutingConfig,
+def invalid_reason(config: KernelConfig | Sm80Config | RoutingConfig,
                    problem: LatentMoEProblem | None = None) -> str | None:
     """Why ``config`` cannot run (on ``problem`` if given), or None if it is valid.
 
@@ -160,6 +223,11 @@ def invalid_reason(config: KernelConfig | RoutingConfig,
         if config.dtype not in DTYPES:
             return f"dtype {config.dtype!r} not in {DTYPES}"
         return None if problem is None else _routing_reason(problem)
+    if isinstance(config, Sm80Config):
+        reason = _sm80_reason(config, arch.smem_per_block)
+        return reason or (None if problem is None else _problem_reason(config, problem))
+    if config.arch != "sm90":
+        return f"KernelConfig is the sm90 config; use Sm80Config for {config.arch}"
     reason = _tile_reason(config) or _cluster_reason(config)
     if reason:
         return reason
@@ -186,7 +254,7 @@ def _routing_reason(problem: LatentMoEProblem) -> str | None:
     return None
 
 
-def valid(config: KernelConfig | RoutingConfig,
+def valid(config: KernelConfig | Sm80Config | RoutingConfig,
           problem: LatentMoEProblem | None = None) -> bool:
     """True when :func:`invalid_reason` finds nothing."""
     return invalid_reason(config, problem) is None
@@ -202,11 +270,25 @@ _AXES = {
 }
 
 
+_SM80_AXES = {
+    "tb": ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)),
+    "tb_k": (32, 64),
+    "warp": ((32, 32), (32, 64), (64, 32), (64, 64)),
+    "stages": (3, 4, 5),
+}
+
+
 def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
-                 dtype: str = "bf16") -> list[KernelConfig]:
+                 dtype: str = "bf16") -> list[KernelConfig] | list[Sm80Config]:
     """Every valid config of ``arch`` (for ``problem`` if given), in a stable order."""
     get_arch(arch)
     out = []
+    if arch in SM80_ARCHS:
+        for (bm, bn), bk, (wm, wn), st in itertools.product(*_SM80_AXES.values()):
+            c = Sm80Config(bm, bn, bk, wm, wn, st, "identity", dtype, arch)
+            if valid(c, problem):
+                out.append(c)
+        return out
     for tm, tn, tk, (cm, cn), sched, swap in itertools.product(*_AXES.values()):
         c = KernelConfig(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
         if valid(c, problem):
@@ -214,9 +296,15 @@ def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
     return out
 
 
-def default_configs(arch: str = "sm90", dtype: str = "bf16") -> list[KernelConfig]:
-    """A small always-valid subset: prefill (large tiles), mid, and decode (swap-AB) kernels."""
+def default_configs(arch: str = "sm90",
+                    dtype: str = "bf16") -> list[KernelConfig] | list[Sm80Config]:
+    """A small always-valid subset: prefill (large tiles), mid, and decode kernels."""
     get_arch(arch)
+    if arch in SM80_ARCHS:
+        # Ada's 99 KB of shared memory per block bounds the larger tiles to three stages.
+        return [Sm80Config(64, 64, 32, 32, 32, 3, "identity", dtype, arch),
+                Sm80Config(128, 128, 32, 64, 64, 3, "identity", dtype, arch),
+                Sm80Config(128, 256, 32, 64, 64, 3, "identity", dtype, arch)]
     return [
         KernelConfig(128, 256, 64, 1, 1, "cooperative", False, "identity", dtype, arch),
         KernelConfig(128, 128, 64, 2, 1, "cooperative", False, "identity", dtype, arch),
@@ -225,7 +313,7 @@ def default_configs(arch: str = "sm90", dtype: str = "bf16") -> list[KernelConfi
     ]
 
 
-def space_hash(configs: list[KernelConfig]) -> str:
+def space_hash(configs: list[KernelConfig] | list[Sm80Config]) -> str:
     """Short hash of a search space; part of the tuning key."""
     blob = json.dumps([c.to_dict() for c in configs], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

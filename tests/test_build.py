@@ -9,7 +9,7 @@ import pytest
 
 from autotune import build as build_mod
 from autotune.build import BuildError, build, build_key, find_nvcc, library_path, nvcc_flags
-from autotune.space import KernelConfig
+from autotune.space import KernelConfig, Sm80Config
 
 # The cheapest variant to compile: one small cooperative kernel without clusters.
 CHEAP = KernelConfig(128, 64, 64, 1, 1, "cooperative")
@@ -82,3 +82,19 @@ def test_real_compile_publishes_a_loadable_library(cache):
     assert size(512, 132) > size(1, 132) > 0
     (again,) = build([CHEAP], jobs=1)
     assert again.status == "cached" and again.path == result.path
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm80", "sm89"])
+def test_real_compile_of_the_cutlass2_grouped_gemm(cache, arch):
+    """One real nvcc compile per CUTLASS 2.x target: the cheapest tile, with its PTX embedded."""
+    config = Sm80Config(64, 64, 32, 32, 32, 3, arch=arch)
+    (result,) = build([config], jobs=1)
+    assert result.ok, result.log
+    lib = ctypes.CDLL(str(result.path))
+    size = getattr(lib, f"{config.name}_workspace_size")
+    size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int]
+    assert size(8, 108) > 0
+    assert f"-gencode=arch=compute_{arch[2:]},code=[sm_{arch[2:]},compute_{arch[2:]}]" in \
+        nvcc_flags(arch)

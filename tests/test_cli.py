@@ -29,7 +29,7 @@ def test_help_runs_as_a_module():
 
 
 @pytest.mark.parametrize("arch,fragment", [("sm70", "not a known architecture"),
-                                           ("sm80", "no kernels are generated for sm80 yet")])
+                                           ("sm100", "no kernels are generated for sm100 yet")])
 def test_unsupported_arch_is_a_clear_error(arch, fragment, capsys):
     assert main(["--arch", arch]) == 2
     assert fragment in capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autotune.codegen import render, template_files, write_source
-from autotune.space import KernelConfig
+from autotune.space import KernelConfig, Sm80Config
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -15,6 +15,7 @@ GOLDEN = Path(__file__).parent / "golden"
 @pytest.mark.parametrize("config", [
     KernelConfig(128, 128, 64, 1, 2, "cooperative"),
     KernelConfig(128, 32, 128, 1, 1, "pingpong", True),
+    Sm80Config(128, 128, 32, 64, 64, 3),
 ], ids=lambda c: c.name)
 def test_golden_render(config):
     assert render(config) == (GOLDEN / f"{config.name}.cu").read_text()
@@ -45,4 +46,11 @@ def test_write_if_different(tmp_path):
 
 def test_templates_found():
     names = {p.name for p in template_files()}
-    assert {"sm90_grouped_gemm.cu.j2", "sm90_grouped_gemm.cuh"} <= names
+    assert {"sm90_grouped_gemm.cu.j2", "sm90_grouped_gemm.cuh", "sm80_grouped_gemm.cu.j2",
+            "sm80_grouped_gemm.cuh"} <= names
+
+
+def test_sm89_renders_the_sm80_template():
+    text = render(Sm80Config(64, 64, 32, 32, 32, 3, arch="sm89"))
+    assert "GroupedGemm<cutlass::bfloat16_t, 64, 64, 32,\n" in text
+    assert "sm89_bf16_64x64x32_w32x32_s3_run(" in text

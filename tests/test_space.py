@@ -9,6 +9,7 @@ import pytest
 from autotune.problem import PRESETS, LatentMoEProblem
 from autotune.space import (
     KernelConfig,
+    Sm80Config,
     default_configs,
     invalid_reason,
     search_space,
@@ -90,7 +91,39 @@ def test_defaults_are_valid_and_in_space():
 
 
 def test_unknown_arch_is_a_clear_error():
-    with pytest.raises(ValueError, match="supported: sm90"):
+    with pytest.raises(ValueError, match="supported: sm80, sm89, sm90"):
         search_space("sm70")
-    with pytest.raises(ValueError, match="no kernels are generated for sm80 yet"):
-        default_configs("sm80")
+    with pytest.raises(ValueError, match="no kernels are generated for sm100 yet"):
+        default_configs("sm100")
+
+
+@pytest.mark.parametrize("config,name", [
+    (Sm80Config(128, 128, 32, 64, 64, 3), "sm80_bf16_128x128x32_w64x64_s3"),
+    (Sm80Config(64, 64, 64, 32, 32, 4, dtype="fp16", arch="sm89"), "sm89_fp16_64x64x64_w32x32_s4"),
+])
+def test_sm80_golden_names(config, name):
+    assert config.name == name
+    assert Sm80Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("config,fragment", [
+    (Sm80Config(128, 128, 16, 64, 64, 3), "threadblock K"),
+    (Sm80Config(128, 128, 32, 48, 64, 3), "warp tile"),
+    (Sm80Config(128, 128, 32, 64, 64, 2), "stages"),
+    (Sm80Config(256, 256, 32, 32, 32, 3), "warps per threadblock"),
+    (Sm80Config(128, 256, 64, 64, 64, 4, arch="sm89"), "over 101376 B on sm89"),
+    (Sm80Config(128, 128, 32, 64, 64, 3, arch="sm90"), "not sm90"),
+    (Sm80Config(128, 128, 32, 64, 64, 3, epilogue="relu2"), "identity epilogue only"),
+    (KernelConfig(128, 128, 64, arch="sm80"), "use Sm80Config for sm80"),
+])
+def test_sm80_predicate_rejects_with_reason(config, fragment):
+    reason = invalid_reason(config)
+    assert reason is not None and fragment in reason
+
+
+def test_sm80_and_sm89_spaces_differ_by_shared_memory():
+    sm80, sm89 = search_space("sm80"), search_space("sm89")
+    assert len(sm80) > len(sm89) > 50
+    assert {c.name.replace("sm89", "sm80") for c in sm89} < {c.name for c in sm80}
+    for arch in ("sm80", "sm89"):
+        assert all(valid(c) for c in default_configs(arch))

@@ -1,0 +1,180 @@
+// sm80/sm89 grouped GEMM (CUTLASS 2.x GemmGrouped): D_g = A_g @ B_g^T per group, row-major.
+//
+// Same C ABI as sm90_grouped_gemm.cuh, so autotune/runtime.py loads either. The problem sizes,
+// leading dimensions and operand pointers are written into the workspace by a setup kernel on
+// the caller's stream; GroupScheduleMode::kDeviceOnly makes the kernel read the sizes from device
+// memory, so nothing is precomputed on the host and a call never synchronises.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/device/gemm_grouped.h"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/gemm/kernel/default_gemm_grouped.h"
+
+#define AUTOTUNE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace autotune::sm80 {
+
+// Status codes shared with autotune/runtime.py (as in sm90_grouped_gemm.cuh).
+enum Status : int {
+  kOk = 0,
+  kBadArgument = 1,
+  kWorkspaceTooSmall = 2,
+  kCannotImplement = 3,
+  kInitializeFailed = 4,
+  kLaunchFailed = 5,
+};
+
+inline thread_local char g_last_error[512] = "";
+
+inline int fail(int status, const char* what, const char* detail = "") {
+  std::snprintf(g_last_error, sizeof(g_last_error), "%s%s%s", what, detail[0] ? ": " : "", detail);
+  return status;
+}
+
+inline constexpr size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+template <class G>
+struct GroupArgs {
+  cutlass::gemm::GemmCoord* sizes;
+  int64_t *lda, *ldb, *ldd;
+  typename G::Element **a, **b;
+  typename G::Element** d;
+
+  __device__ void set(int g, int m, int n, int k, const void* pa, const void* pb, void* pd) {
+    using Element = typename G::Element;
+    sizes[g] = cutlass::gemm::GemmCoord(m, n, k);
+    lda[g] = k;  // A [M, K] row-major
+    ldb[g] = k;  // B [N, K] row-major, read as K x N column-major
+    ldd[g] = n;  // D [M, N] row-major
+    a[g] = const_cast<Element*>(static_cast<const Element*>(pa));
+    b[g] = const_cast<Element*>(static_cast<const Element*>(pb));
+    d[g] = static_cast<Element*>(pd);
+  }
+};
+
+template <class G>
+__global__ void fill_group_arguments(int groups, const int32_t* __restrict__ mnk,
+                                     const void* const* ptr_a, const void* const* ptr_b,
+                                     void* const* ptr_d, GroupArgs<G> out) {
+  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x)
+    out.set(g, mnk[3 * g], mnk[3 * g + 1], mnk[3 * g + 2], ptr_a[g], ptr_b[g], ptr_d[g]);
+}
+
+template <class G>
+__global__ void fill_dense_arguments(int m, int n, int k, const void* a, const void* b, void* d,
+                                     GroupArgs<G> out) {
+  out.set(0, m, n, k, a, b, d);
+}
+
+template <class Element_, int TbM, int TbN, int TbK, int WarpM, int WarpN, int Stages>
+struct GroupedGemm {
+  using Element = Element_;
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+  // Ampere's bf16/fp16 tensor-core instruction; Ada runs the same code.
+  using Instruction = cutlass::gemm::GemmShape<16, 8, 16>;
+  using Epilogue = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+  using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
+      Element, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlignment, Element,
+      cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignment, Element,
+      cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+      cutlass::gemm::GemmShape<TbM, TbN, TbK>, cutlass::gemm::GemmShape<WarpM, WarpN, TbK>,
+      Instruction, Epilogue, cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,
+      Stages, cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
+  using Gemm = cutlass::gemm::device::GemmGrouped<GemmKernel>;
+
+  struct Layout {
+    size_t sizes, lda, ldb, ldd, a, b, d, total;
+  };
+
+  static Layout layout(int groups) {
+    Layout l{};
+    size_t at = 0;
+    auto take = [&](size_t bytes) { size_t here = at; at = align_up(at + bytes, 128); return here; };
+    l.sizes = take(sizeof(cutlass::gemm::GemmCoord) * groups);
+    l.lda = take(sizeof(int64_t) * groups);
+    l.ldb = take(sizeof(int64_t) * groups);
+    l.ldd = take(sizeof(int64_t) * groups);
+    l.a = take(sizeof(void*) * groups);
+    l.b = take(sizeof(void*) * groups);
+    l.d = take(sizeof(void*) * groups);
+    l.total = at;
+    return l;
+  }
+
+  static GroupArgs<GroupedGemm> group_args(uint8_t* ws, const Layout& l) {
+    return {reinterpret_cast<cutlass::gemm::GemmCoord*>(ws + l.sizes),
+            reinterpret_cast<int64_t*>(ws + l.lda), reinterpret_cast<int64_t*>(ws + l.ldb),
+            reinterpret_cast<int64_t*>(ws + l.ldd), reinterpret_cast<Element**>(ws + l.a),
+            reinterpret_cast<Element**>(ws + l.b), reinterpret_cast<Element**>(ws + l.d)};
+  }
+
+  // The kDeviceOnly scheduler needs no workspace of its own beyond the argument arrays.
+  static size_t workspace_size(int groups, int sm_count) {
+    if (groups <= 0 || sm_count <= 0) return 0;
+    return layout(groups).total;
+  }
+
+  static int threadblocks(int sm_count) {
+    static int per_sm = 0;  // occupancy query: host work, once per process
+    if (per_sm == 0) per_sm = Gemm::maximum_active_blocks();
+    return per_sm > 0 ? per_sm * sm_count : 0;
+  }
+
+  template <class Fill>
+  static int launch(int groups, void* workspace, size_t workspace_bytes, int sm_count,
+                    cudaStream_t stream, Fill fill) {
+    if (sm_count <= 0) return fail(kBadArgument, "sm_count must be > 0");
+    Layout l = layout(groups);
+    if (workspace == nullptr || workspace_bytes < l.total)
+      return fail(kWorkspaceTooSmall, "workspace smaller than workspace_size()");
+    auto* ws = static_cast<uint8_t*>(workspace);
+    auto g = group_args(ws, l);
+    fill(g);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess)
+      return fail(kLaunchFailed, "setup kernel launch", cudaGetErrorString(e));
+    int blocks = threadblocks(sm_count);
+    if (blocks <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
+    typename Epilogue::Params epilogue(1.0f, 0.0f);
+    // beta = 0: C is never read; D stands in for it.
+    typename Gemm::Arguments args(g.sizes, groups, blocks, epilogue, g.a, g.b, g.d, g.d, g.lda,
+                                  g.ldb, g.ldd, g.ldd, nullptr);
+    Gemm gemm;
+    if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess)
+      return fail(kInitializeFailed, "CUTLASS initialize failed");
+    cutlass::Status s = gemm.run(stream);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess || s != cutlass::Status::kSuccess)
+      return fail(kLaunchFailed, "grouped GEMM launch", cudaGetErrorString(e));
+    return kOk;
+  }
+
+  static int run(int groups, const int32_t* mnk, const void* const* ptr_a, const void* const* ptr_b,
+                 void* const* ptr_d, void* workspace, size_t workspace_bytes, int sm_count,
+                 cudaStream_t stream) {
+    if (groups <= 0 || mnk == nullptr || ptr_a == nullptr || ptr_b == nullptr || ptr_d == nullptr)
+      return fail(kBadArgument, "groups must be > 0 and the shape/pointer arrays non-null");
+    int threads = 128, blocks = (groups + threads - 1) / threads;
+    return launch(groups, workspace, workspace_bytes, sm_count, stream, [&](auto args) {
+      fill_group_arguments<GroupedGemm><<<blocks, threads, 0, stream>>>(groups, mnk, ptr_a, ptr_b,
+                                                                        ptr_d, args);
+    });
+  }
+
+  static int run_dense(int m, int n, int k, const void* a, const void* b, void* d,
+                       void* workspace, size_t workspace_bytes, int sm_count,
+                       cudaStream_t stream) {
+    if (m < 0 || n <= 0 || k <= 0 || a == nullptr || b == nullptr || d == nullptr)
+      return fail(kBadArgument, "m >= 0, n > 0, k > 0 and non-null pointers are required");
+    return launch(1, workspace, workspace_bytes, sm_count, stream, [&](auto args) {
+      fill_dense_arguments<GroupedGemm><<<1, 1, 0, stream>>>(m, n, k, a, b, d, args);
+    });
+  }
+};
+
+}  // namespace autotune::sm80
