@@ -9,10 +9,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <type_traits>
 
 #include "cute/tensor.hpp"
+#include "grouped_gemm_common.cuh"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
@@ -22,28 +22,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
-#define AUTOTUNE_EXPORT extern "C" __attribute__((visibility("default")))
-
 namespace autotune::sm90 {
-
-// Status codes shared with autotune/runtime.py.
-enum Status : int {
-  kOk = 0,
-  kBadArgument = 1,
-  kWorkspaceTooSmall = 2,
-  kCannotImplement = 3,
-  kInitializeFailed = 4,
-  kLaunchFailed = 5,
-};
-
-inline thread_local char g_last_error[512] = "";
-
-inline int fail(int status, const char* what, const char* detail = "") {
-  std::snprintf(g_last_error, sizeof(g_last_error), "%s%s%s", what, detail[0] ? ": " : "", detail);
-  return status;
-}
-
-inline constexpr size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // relu(x)^2 of Nemotron 3's non-gated experts, applied to the fp32 accumulator in the epilogue.
 // NaN propagates (NaN < 0 is false), as torch.relu does.
@@ -115,23 +94,11 @@ struct GroupArgs {
   }
 };
 
-template <class G>
-__global__ void fill_group_arguments(int groups, const int32_t* __restrict__ mnk,
-                                     const void* const* ptr_a, const void* const* ptr_b,
-                                     void* const* ptr_d, GroupArgs<G> out) {
-  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x)
-    out.set(g, mnk[3 * g], mnk[3 * g + 1], mnk[3 * g + 2], ptr_a[g], ptr_b[g], ptr_d[g]);
-}
-
-template <class G>
-__global__ void fill_dense_arguments(int m, int n, int k, const void* a, const void* b, void* d,
-                                     GroupArgs<G> out) {
-  out.set(0, m, n, k, a, b, d);
-}
-
 template <class Element_, int TileM, int TileN, int TileK, int ClusterM, int ClusterN,
           bool Cooperative, bool SwapAB, int Epilogue>
-struct GroupedGemm {
+struct GroupedGemm
+    : GroupedGemmEntry<GroupedGemm<Element_, TileM, TileN, TileK, ClusterM, ClusterN, Cooperative,
+                                   SwapAB, Epilogue>> {
   using Element = Element_;
   using ElementD = typename EpilogueOf<Epilogue, Element>::ElementD;
   static constexpr bool kSwapAB = SwapAB;
@@ -271,30 +238,6 @@ struct GroupedGemm {
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess || s != cutlass::Status::kSuccess)
       return fail(kLaunchFailed, "grouped GEMM launch", cudaGetErrorString(e));
     return kOk;
-  }
-
-  static int run(int groups, const int32_t* mnk, const void* const* ptr_a, const void* const* ptr_b,
-                 void* const* ptr_d, void* workspace, size_t workspace_bytes, int sm_count,
-                 cudaStream_t stream) {
-    if (groups <= 0 || mnk == nullptr || ptr_a == nullptr || ptr_b == nullptr || ptr_d == nullptr)
-      return fail(kBadArgument, "groups must be > 0 and the shape/pointer arrays non-null");
-    int threads = 128, blocks = (groups + threads - 1) / threads;
-    return launch(groups, workspace, workspace_bytes, sm_count, stream, [&](auto args) {
-      fill_group_arguments<GroupedGemm><<<blocks, threads, 0, stream>>>(groups, mnk, ptr_a, ptr_b,
-                                                                        ptr_d, args);
-    });
-  }
-
-  // One dense GEMM (a single group) with its shape and pointers as plain arguments: the latent
-  // projections, which need no per-expert bookkeeping.
-  static int run_dense(int m, int n, int k, const void* a, const void* b, void* d,
-                       void* workspace, size_t workspace_bytes, int sm_count,
-                       cudaStream_t stream) {
-    if (m < 0 || n <= 0 || k <= 0 || a == nullptr || b == nullptr || d == nullptr)
-      return fail(kBadArgument, "m >= 0, n > 0, k > 0 and non-null pointers are required");
-    return launch(1, workspace, workspace_bytes, sm_count, stream, [&](auto args) {
-      fill_dense_arguments<GroupedGemm><<<1, 1, 0, stream>>>(m, n, k, a, b, d, args);
-    });
   }
 };
 

@@ -1,4 +1,9 @@
-"""The compiled sm90 grouped GEMM against torch, on the GPU (uneven and empty groups)."""
+"""The compiled grouped GEMMs against torch, on the GPU (uneven and empty groups).
+
+The sm80 (CUTLASS 2.x) libraries carry PTX, which the Hopper driver JIT-compiles: the same code
+that runs on an A100 runs here. sm89 differs from sm80 only in its target, so sm80 stands for
+both.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from autotune.space import default_configs
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = default_configs("sm90")
+SM90 = default_configs("sm90")
+CONFIGS = SM90 + default_configs("sm80")
 
 
 def _groups(sizes, n, k, device, gen):
@@ -54,10 +60,11 @@ def test_grouped_mm_matches_torch(kernels, config, sizes, n, k):
     ref = _reference(a, b, sizes)
     assert not out.isnan().any(), "some output rows were not written"
     err = ((out.float() - ref).norm() / ref.norm()).item()
+    print(f"{config.name} sizes={sizes} n={n} k={k}: rel err {err:.2e}")
     assert err <= 1e-2, f"rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[-1:], ids=lambda c: c.name)
+@pytest.mark.parametrize("config", SM90[:1] + SM90[-1:], ids=lambda c: c.name)
 def test_grouped_mm_graph_replay_with_fresh_inputs(kernels, config):
     kernel = kernels[config.name]
     gen = torch.Generator(device="cuda").manual_seed(7)

@@ -22,4 +22,4 @@ AUTOTUNE_EXPORT int sm80_bf16_128x128x32_w64x64_s3_run_dense(int m, int n, int k
   return Kernel::run_dense(m, n, k, a, b, d, workspace, workspace_bytes, sm_count, stream);
 }
 
-AUTOTUNE_EXPORT const char* sm80_bf16_128x128x32_w64x64_s3_last_error() { return autotune::sm80::g_last_error; }
+AUTOTUNE_EXPORT const char* sm80_bf16_128x128x32_w64x64_s3_last_error() { return autotune::g_last_error; }

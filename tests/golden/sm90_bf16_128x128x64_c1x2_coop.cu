@@ -23,4 +23,4 @@ AUTOTUNE_EXPORT int sm90_bf16_128x128x64_c1x2_coop_run_dense(int m, int n, int k
   return Kernel::run_dense(m, n, k, a, b, d, workspace, workspace_bytes, sm_count, stream);
 }
 
-AUTOTUNE_EXPORT const char* sm90_bf16_128x128x64_c1x2_coop_last_error() { return autotune::sm90::g_last_error; }
+AUTOTUNE_EXPORT const char* sm90_bf16_128x128x64_c1x2_coop_last_error() { return autotune::g_last_error; }

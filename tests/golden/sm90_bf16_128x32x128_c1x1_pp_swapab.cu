@@ -23,4 +23,4 @@ AUTOTUNE_EXPORT int sm90_bf16_128x32x128_c1x1_pp_swapab_run_dense(int m, int n, 
   return Kernel::run_dense(m, n, k, a, b, d, workspace, workspace_bytes, sm_count, stream);
 }
 
-AUTOTUNE_EXPORT const char* sm90_bf16_128x32x128_c1x1_pp_swapab_last_error() { return autotune::sm90::g_last_error; }
+AUTOTUNE_EXPORT const char* sm90_bf16_128x32x128_c1x1_pp_swapab_last_error() { return autotune::g_last_error; }
