@@ -31,7 +31,15 @@ from typing import Any
 from ._version import __version__
 from .env import cache_dir, config_dir
 from .problem import PRESETS, LatentMoEProblem
-from .space import KernelConfig, invalid_reason, search_space, space_hash
+from .space import (
+    DEFAULT_ORDER,
+    KernelConfig,
+    TileOrder,
+    invalid_reason,
+    search_space,
+    space_hash,
+    tile_orders,
+)
 from .workload import bucket_for, check_stage, config_dtype, default_config, stage_epilogue
 
 log = logging.getLogger("autotune")
@@ -227,9 +235,11 @@ class BucketEntry:
     default_ms: float | None = None
     peer_ms: float | None = None
     trials: int = 0
+    order: str = DEFAULT_ORDER.tag  # the winner's tile order (TileOrder.tag)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"winner": self.winner.to_dict(), "median_ms": self.median_ms,
+        return {"winner": self.winner.to_dict(), "order": self.order,
+                "median_ms": self.median_ms,
                 "p20_ms": self.p20_ms, "p80_ms": self.p80_ms,
                 "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
                 "runner_up_ms": self.runner_up_ms, "default_name": self.default_name,
@@ -244,7 +254,9 @@ class BucketEntry:
                        None if runner is None else TunedConfig.from_dict(runner),
                        _opt_float(d.get("runner_up_ms")), d.get("default_name"),
                        _opt_float(d.get("default_ms")), _opt_float(d.get("peer_ms")),
-                       int(d.get("trials", 0)))
+                       int(d.get("trials", 0)),
+                       # Tables written before tile orders were tuned ran the default order.
+                       TileOrder.from_tag(d.get("order", DEFAULT_ORDER.tag)).tag)
         except (KeyError, TypeError, ValueError) as e:
             raise TableError(f"bad bucket entry: {e!r}") from None
 
@@ -269,7 +281,7 @@ class TunedTable:
     metadata: dict[str, Any] = field(default_factory=dict)
     entries: dict[str, dict[int, BucketEntry]] = field(default_factory=dict)
     source: Path | None = None
-    _resolved: dict[tuple[str, int], KernelConfig] = field(
+    _resolved: dict[tuple[str, int], tuple[KernelConfig, TileOrder]] = field(
         default_factory=dict, init=False, compare=False, repr=False)
 
     @property
@@ -293,6 +305,19 @@ class TunedTable:
         ------------
         ``stage`` is a stage of the problem; ``tokens`` is an int >= 0.
         """
+        return self._lookup(stage, tokens)[0]
+
+    def order_for(self, stage: str, tokens: int) -> TileOrder:
+        """The tile order to launch :meth:`config_for`'s config with: the bucket winner's when
+        that config is the winner and ``arch`` takes the order, else the default order.
+
+        Requirements
+        ------------
+        As :meth:`config_for` (and memoised with it).
+        """
+        return self._lookup(stage, tokens)[1]
+
+    def _lookup(self, stage: str, tokens: int) -> tuple[KernelConfig, TileOrder]:
         key = (stage, tokens)
         hit = self._resolved.get(key)
         if hit is not None:
@@ -300,12 +325,12 @@ class TunedTable:
         check_stage(self.problem, stage)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be an int >= 0, got {tokens!r}")
-        config = self._resolve(stage, tokens)
+        resolved = self._resolve(stage, tokens)
         with _LOCK:
-            self._resolved[key] = config
-        return config
+            self._resolved[key] = resolved
+        return resolved
 
-    def _resolve(self, stage: str, tokens: int) -> KernelConfig:
+    def _resolve(self, stage: str, tokens: int) -> tuple[KernelConfig, TileOrder]:
         default = default_config(self.problem, stage, tokens, self.arch)
         buckets = self.buckets(stage)
         if not buckets:
@@ -313,7 +338,7 @@ class TunedTable:
                       "no tuned kernels for %s on %s (key %s); using default configs. Tune with: "
                       "%s", self.problem.key, self.arch, self.key,
                       tune_command(self.problem, self.arch))
-            return default
+            return default, DEFAULT_ORDER
         entry = self.entries[stage][bucket_for(tokens, buckets)]
         try:
             config = KernelConfig.from_dict(entry.winner.config)
@@ -328,8 +353,13 @@ class TunedTable:
             warn_once(f"invalid:{self.key}:{entry.winner.name}",
                       "tuned config %s in %s is not usable (%s); using the default %s",
                       entry.winner.name, self.source, reason, default.name)
-            return default
-        return config
+            return default, DEFAULT_ORDER
+        order = TileOrder.from_tag(entry.order)
+        if order not in tile_orders(self.arch):
+            warn_once(f"order:{self.key}:{entry.order}", "tile order %s in %s is not one %s "
+                      "takes; using the default", entry.order, self.source, self.arch)
+            order = DEFAULT_ORDER
+        return config, order
 
     def to_json(self) -> dict[str, Any]:
         """The file contents (a JSON-serialisable dict)."""

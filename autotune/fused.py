@@ -27,18 +27,23 @@ import torch
 from .cache import tuned_table
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
-from .space import RoutingConfig, invalid_reason
-from .workload import PLAN_FIELD, Plan, default_plan, stages_of
+from .space import RoutingConfig, TileOrder, invalid_reason
+from .workload import PLAN_FIELD, PLAN_INDEX, Plan, default_plan, stages_of
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def tuned_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
-    """The configs for ``tokens``: the tuned table's winners where one applies (looked up once
-    per process), the default tiers elsewhere (one warning names the tune command)."""
+    """The configs and tile orders for ``tokens``: the tuned table's winners where one applies
+    (looked up once per process), the default tiers elsewhere (one warning names the tune
+    command)."""
     table = tuned_table(problem, "sm90")
     plan = default_plan(problem, tokens)
-    return replace(plan, **{PLAN_FIELD[s]: table.config_for(s, tokens) for s in stages_of(problem)})
+    orders = list(plan.orders)
+    for s in stages_of(problem):
+        orders[PLAN_INDEX[s]] = table.order_for(s, tokens)
+    return replace(plan, orders=tuple(orders),
+                   **{PLAN_FIELD[s]: table.config_for(s, tokens) for s in stages_of(problem)})
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -116,15 +121,16 @@ class FusedLatentMoE:
         self.down = down_proj.contiguous()
         self.fc2 = None if fc2 is None else fc2.to(self.dtype).contiguous()
         self.routing: Routing = load_routing(RoutingConfig(_DTYPE_NAMES[self.dtype]))
-        self._plans: dict[int, tuple[GroupedGemm, ...]] = {}
+        self._plans: dict[int, tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...]]] = {}
 
-    def kernels(self, tokens: int) -> tuple[GroupedGemm, ...]:
-        """Loaded kernels for ``tokens`` (resolved once per token count, never per call)."""
+    def kernels(self, tokens: int) -> tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...]]:
+        """Loaded kernels for ``tokens`` and their tile orders, in :meth:`Plan.configs` order
+        (resolved once per token count, never per call)."""
         if tokens not in self._plans:
             plan = tuned_plan(self.problem, tokens)
             if "relu2" in self.unfused:
                 plan = replace(plan, up=plan.up.with_epilogue("identity"))
-            self._plans[tokens] = tuple(load(c) for c in plan.configs())
+            self._plans[tokens] = tuple(load(c) for c in plan.configs()), plan.orders
         return self._plans[tokens]
 
     def __call__(self, x: torch.Tensor, xe: torch.Tensor | None = None,
@@ -136,7 +142,7 @@ class FusedLatentMoE:
         width, inter, up_rows = p.expert_width, p.intermediate_size, p.up_rows
         if t == 0:
             return x.new_empty(0, p.hidden_size if self.fc2 is not None else width)
-        router, up, down, fc2 = self.kernels(t)
+        (router, up, down, fc2), (o_router, o_up, o_down, o_fc2) = self.kernels(t)
 
         def new(*shape, dtype=self.dtype):
             # Sizes depend on T only, never on the routing: the caching allocator serves them
@@ -146,7 +152,7 @@ class FusedLatentMoE:
         if self.w_fc1 is not None:  # unfused measurement variant
             xe = fc2.dense(x, self.w_fc1, new(t, width))
         cat = new(t, self.w_cat.shape[0], dtype=torch.float32)
-        router.dense(x, self.w_cat, cat)
+        router.dense(x, self.w_cat, cat, o_router)
         ids, weights = new(t, k, dtype=torch.int32), new(t, k, dtype=torch.float32)
         counts, slot = new(e, dtype=torch.int32), new(t, k, dtype=torch.int32)
         hi_col = self.fc1_rows
@@ -172,18 +178,18 @@ class FusedLatentMoE:
         else:
             src = x if xe is None else xe.contiguous()
             self.routing("gather", src, src.shape[1], t, k, width, ids, slot, start, a1, row_of)
-        up.run(mnk1, ptrs1[0], ptrs1[1], ptrs1[2])
+        up.run(mnk1, ptrs1[0], ptrs1[1], ptrs1[2], o_up)
         if "relu2" in self.unfused and p.activation == "relu2":
             h1.relu_().square_()
         if p.activation == "swiglu":
             self.routing("swiglu", h1, h2, rows, inter)
-        down.run(mnk2, ptrs2[0], ptrs2[1], ptrs2[2])
+        down.run(mnk2, ptrs2[0], ptrs2[1], ptrs2[2], o_down)
         y_lat = new(t, width)
         self.routing("combine", y2, weights, row_of, t, k, width, y_lat)
         if self.fc2 is None:
             return y_lat
         out = new(t, self.fc2.shape[0])
-        return fc2.dense(y_lat, self.fc2, out)
+        return fc2.dense(y_lat, self.fc2, out, o_fc2)
 
 
 _PREPARED: OrderedDict[tuple, FusedLatentMoE] = OrderedDict()

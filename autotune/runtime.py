@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .build import build, cached_library
-from .space import KernelConfig, RoutingConfig, invalid_reason
+from .space import DEFAULT_ORDER, KernelConfig, RoutingConfig, TileOrder, invalid_reason
 
 _STATUS = {1: "bad argument", 2: "workspace too small", 3: "cannot implement",
            4: "initialize failed", 5: "launch failed"}
@@ -41,12 +41,13 @@ class GroupedGemm:
         self._workspace_size.argtypes = [ctypes.c_int, ctypes.c_int]
         self._workspace_size.restype = ctypes.c_size_t
         self._run = getattr(lib, f"{prefix}_run")
+        # ... workspace bytes, SM count, tile order (raster, swizzle), stream.
         self._run.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [
-            ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+            ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
         self._run.restype = ctypes.c_int
         self._run_dense = getattr(lib, f"{prefix}_run_dense")
         self._run_dense.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [
-            ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+            ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_void_p]
         self._run_dense.restype = ctypes.c_int
         self._last_error = getattr(lib, f"{prefix}_last_error")
         self._last_error.restype = ctypes.c_char_p
@@ -72,8 +73,9 @@ class GroupedGemm:
         return ws, sms
 
     def run(self, problem_mnk: torch.Tensor, ptr_a: torch.Tensor, ptr_b: torch.Tensor,
-            ptr_d: torch.Tensor) -> None:
-        """Launch on the current stream with device arrays already built.
+            ptr_d: torch.Tensor, order: TileOrder = DEFAULT_ORDER) -> None:
+        """Launch on the current stream with device arrays already built; ``order`` is the
+        tile order (:class:`~autotune.space.TileOrder`, a launch argument).
 
         Requirements
         ------------
@@ -86,7 +88,7 @@ class GroupedGemm:
         ws, sms = self._workspace(groups, device)
         stream = torch.cuda.current_stream(device).cuda_stream
         status = self._run(groups, problem_mnk.data_ptr(), ptr_a.data_ptr(), ptr_b.data_ptr(),
-                           ptr_d.data_ptr(), ws.data_ptr(), ws.numel(), sms, stream)
+                           ptr_d.data_ptr(), ws.data_ptr(), ws.numel(), sms, *order.abi, stream)
         self._check(status)
 
     def _check(self, status: int) -> None:
@@ -99,7 +101,8 @@ class GroupedGemm:
         """dtype of D: fp32 for the "f32" epilogue, else the operands' dtype."""
         return torch.float32 if self.config.epilogue == "f32" else _DTYPES[self.config.dtype]
 
-    def dense(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def dense(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+              order: TileOrder = DEFAULT_ORDER) -> torch.Tensor:
         """``out = epilogue(a @ b.T)`` as one group; a [M, K], b [N, K], out [M, N] contiguous.
 
         Requirements
@@ -112,11 +115,12 @@ class GroupedGemm:
         ws, sms = self._workspace(1, a.device)
         stream = torch.cuda.current_stream(a.device).cuda_stream
         self._check(self._run_dense(m, n, k, a.data_ptr(), b.data_ptr(), out.data_ptr(),
-                                    ws.data_ptr(), ws.numel(), sms, stream))
+                                    ws.data_ptr(), ws.numel(), sms, *order.abi, stream))
         return out
 
     def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None,
+                   order: TileOrder = DEFAULT_ORDER) -> torch.Tensor:
         """``out[rows of g] = a[rows of g] @ b[g].T``, rows of g = ``offs[g-1]:offs[g]``.
 
         The same contract as ``torch._grouped_mm(a, b.transpose(1, 2), offs=offs)``.
@@ -127,6 +131,8 @@ class GroupedGemm:
         b : Tensor [G, N, K]
         offs : int32 Tensor [G], cumulative row ends (non-decreasing, last <= M_total)
         out : Tensor [M_total, N], optional
+        order : TileOrder, optional
+            Tile order of the launch (sm90 takes every :data:`~autotune.space.TILE_ORDERS`).
 
         Requirements
         ------------
@@ -136,7 +142,7 @@ class GroupedGemm:
         _check_grouped_mm(self.config, a, b, offs)
         if out is None:
             out = torch.empty((a.shape[0], b.shape[1]), dtype=self.out_dtype, device=a.device)
-        self.run(*group_arrays(a, b, offs, out))
+        self.run(*group_arrays(a, b, offs, out), order=order)
         return out
 
 

@@ -79,6 +79,49 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class TileOrder:
+    """The order in which a kernel's persistent CTAs walk the output tiles: a launch argument,
+    not a compile-time choice, so one compiled config runs with any order.
+
+    ``raster`` "m" walks along M first, "n" along N; ``swizzle`` tiles (1, 2, 4 or 8) form one
+    band across the raster direction. Both only change which tiles run at the same time, i.e.
+    how well the operands they share stay in L2.
+    """
+
+    raster: str = "m"
+    swizzle: int = 1
+
+    @property
+    def tag(self) -> str:
+        return f"{self.raster}{self.swizzle}"
+
+    @classmethod
+    def from_tag(cls, tag: str) -> TileOrder:
+        """The order of a :attr:`tag` such as "n4"; ``ValueError`` for anything else."""
+        order = cls(tag[:1], int(tag[1:])) if (isinstance(tag, str) and tag[1:].isdigit()) else None
+        if order is None or order not in TILE_ORDERS:
+            raise ValueError(f"tile order {tag!r}: expected one of "
+                             f"{', '.join(o.tag for o in TILE_ORDERS)}")
+        return order
+
+    @property
+    def abi(self) -> tuple[int, int]:
+        """(raster, swizzle) as the kernels' C ABI takes them (grouped_gemm_common.cuh)."""
+        return (0 if self.raster == "m" else 1), self.swizzle
+
+
+TILE_ORDERS = tuple(TileOrder(r, s) for r in ("m", "n") for s in (1, 2, 4, 8))
+DEFAULT_ORDER = TileOrder()
+
+
+def tile_orders(arch: str) -> tuple[TileOrder, ...]:
+    """The tile orders ``arch``'s kernels take at launch: all of :data:`TILE_ORDERS` on sm90
+    (CUTLASS 3.x tile scheduler arguments); the default alone where the swizzle is compiled in
+    (CUTLASS 2.x on sm80/sm89)."""
+    return TILE_ORDERS if arch == "sm90" else (DEFAULT_ORDER,)
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """The routing and bookkeeping kernels (top-k, offsets, gather, SwiGLU, combine) of one
     element type; built and cached like a GEMM config, with nothing to tune."""

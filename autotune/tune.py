@@ -63,7 +63,15 @@ from .cache import (
     write_table,
 )
 from .problem import LatentMoEProblem
-from .space import KernelConfig, default_configs, invalid_reason, search_space
+from .space import (
+    DEFAULT_ORDER,
+    KernelConfig,
+    TileOrder,
+    default_configs,
+    invalid_reason,
+    search_space,
+    tile_orders,
+)
 from .workload import (
     ROUTINGS,
     bucket_for,
@@ -72,6 +80,7 @@ from .workload import (
     default_tier_configs,
     parse_tokens,
     stage_epilogue,
+    stage_shape,
     stages_of,
     token_buckets,
 )
@@ -141,8 +150,9 @@ class Evaluator(Protocol):
 
     ``prepare`` compiles (or otherwise readies) every candidate ahead of timing and returns
     name -> None (ready) or the failure message; ``on_done(name, error)`` reports progress.
-    ``evaluate`` checks one config on one stage at one token count and times it. ``peer`` times
-    the torch peer of a stage (None when there is none). ``device`` names the device for the
+    ``evaluate`` checks one config on one stage at one token count and times it; it is called
+    with ``order=`` (a :class:`~autotune.space.TileOrder`) only by tile-order studies. ``peer``
+    times the torch peer of a stage (None when there is none). ``device`` names the device for the
     tuning key.
     """
 
@@ -153,8 +163,8 @@ class Evaluator(Protocol):
                 on_done: Callable[[str, str | None], None] | None = None
                 ) -> dict[str, str | None]: ...
 
-    def evaluate(self, config: KernelConfig, stage: str, tokens: int
-                 ) -> Measurement | Failure: ...
+    def evaluate(self, config: KernelConfig, stage: str, tokens: int,
+                 order: TileOrder = DEFAULT_ORDER) -> Measurement | Failure: ...
 
     def peer(self, stage: str, tokens: int) -> Measurement | Failure | None: ...
 
@@ -180,16 +190,18 @@ class StageSpace:
     names); larger ones by TPE over the axes, where a combination outside ``configs`` is
     rejected with its :func:`~autotune.space.invalid_reason`.
 
-    ``runtime_axes`` is the hook for launch arguments that need no recompile (raster order,
-    swizzle): each axis becomes one more categorical, and :meth:`decode` returns the chosen
-    values, which the tuner passes to ``Evaluator.evaluate`` as keyword arguments. Empty today.
+    ``orders`` are launch arguments that need no recompile (:class:`~autotune.space.TileOrder`:
+    raster order and swizzle). Empty for a config study; a tile-order study has one config and
+    the architecture's orders, each (config, order) a point of its own: the trial suggests one
+    more categorical, "order", and :meth:`decode` returns ``{"order": TileOrder}``, which the
+    tuner passes to ``Evaluator.evaluate``.
     """
 
     problem: LatentMoEProblem
     stage: str
     epilogue: str
     configs: tuple[KernelConfig, ...]
-    runtime_axes: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    orders: tuple[TileOrder, ...] = ()
 
     @property
     def by_name(self) -> dict[str, KernelConfig]:
@@ -209,23 +221,39 @@ class StageSpace:
     def digest(self) -> str:
         """Short hash of the candidates and the parameterisation (part of study names, since
         optuna refuses to change a categorical's choices inside one study)."""
-        blob = "|".join([str(self.brute_force), repr(self.runtime_axes),
+        blob = "|".join([str(self.brute_force), repr(tuple(o.tag for o in self.orders)),
                          *sorted(c.name for c in self.configs)])
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
-    def params_of(self, config: KernelConfig) -> dict[str, Any]:
-        """The trial parameters that select ``config`` (for ``enqueue_trial``)."""
-        if self.brute_force:
-            return {"config": config.name}
-        return {a: _axis_value(config, a) for a in _AXES}
+    @property
+    def points(self) -> frozenset[str]:
+        """Names of every point of the space (see :meth:`point_name`)."""
+        if not self.orders:
+            return frozenset(self.by_name)
+        return frozenset(f"{c.name}@{o.tag}" for c in self.configs for o in self.orders)
+
+    def point_name(self, config: KernelConfig, runtime: Mapping[str, Any]) -> str:
+        """A point's identity: the config name, plus "@<order tag>" in a tile-order study."""
+        order = runtime.get("order")
+        return config.name if order is None else f"{config.name}@{order.tag}"
+
+    def params_of(self, config: KernelConfig, order: TileOrder | None = None) -> dict[str, Any]:
+        """The trial parameters that select ``config`` (and ``order``) for ``enqueue_trial``."""
+        params = ({"config": config.name} if self.brute_force
+                  else {a: _axis_value(config, a) for a in _AXES})
+        return params if order is None else {**params, "order": order.tag}
 
     def name_of(self, params: Mapping[str, Any]) -> str | None:
-        """The config name a trial's parameters select (None if incomplete)."""
+        """The point name a trial's parameters select (None if incomplete)."""
         if "config" in params:
-            return str(params["config"])
-        if not all(a in params for a in _AXES):
+            name = str(params["config"])
+        elif all(a in params for a in _AXES):
+            name = self._from_axes(params).name
+        else:
             return None
-        return self._from_axes(params).name
+        if self.orders:
+            return f"{name}@{params['order']}" if "order" in params else None
+        return name
 
     def _from_axes(self, params: Mapping[str, Any]) -> KernelConfig:
         first = self.configs[0]
@@ -246,8 +274,10 @@ class StageSpace:
                 reason = invalid_reason(config, self.problem)
                 return (reason or f"{config.name} is valid but not among the "
                         f"{len(self.configs)} compiled candidates (raise max_configs)"), {}
-        runtime = {name: trial.suggest_categorical(name, list(choices))
-                   for name, choices in self.runtime_axes}
+        runtime = {}
+        if self.orders:
+            tag = trial.suggest_categorical("order", [o.tag for o in self.orders])
+            runtime["order"] = TileOrder.from_tag(tag)
         return config, runtime
 
 
@@ -481,7 +511,7 @@ def _recover(study: optuna.Study, space: StageSpace) -> int:
         # No outcome on a FAIL trial: its process died, or a heartbeat declared it stale.
         interrupted = t.state == TrialState.FAIL and _outcome(t) in (None, "interrupted")
         name = _name_of(space, t)
-        if interrupted and t.number not in retried and name in space.by_name and name not in done:
+        if interrupted and t.number not in retried and name in space.points and name not in done:
             study.enqueue_trial(_params_of(t), user_attrs={"retry_of": t.number})
             count += 1
     return count
@@ -512,11 +542,14 @@ class _Objective:
             raise optuna.TrialPruned(point)
         config = point
         trial.set_user_attr("config", config.name)
-        dup = self._duplicate_of(trial, config.name)
+        if "order" in runtime:
+            trial.set_user_attr("order", runtime["order"].tag)
+        name = self.space.point_name(config, runtime)
+        dup = self._duplicate_of(trial, name)
         if dup is not None:
             trial.set_user_attr("outcome", "duplicate")
             trial.set_user_attr("duplicate_of", dup)
-            raise _TrialFailed(f"{config.name} is already evaluated in trial {dup}")
+            raise _TrialFailed(f"{name} is already evaluated in trial {dup}")
         error = self.compile_errors.get(config.name)
         if error:
             return self._fail(trial, Failure("compile", error))
@@ -595,13 +628,19 @@ class _StopWhenDone:
 
 @dataclass(frozen=True)
 class ConfigTime:
-    """A config and its measured time."""
+    """A config, the tile order it was launched with, and its measured time."""
 
     name: str
     config: dict[str, Any]
     median_ms: float
     p20_ms: float
     p80_ms: float
+    order: str = DEFAULT_ORDER.tag
+
+    @property
+    def label(self) -> str:
+        """The config name, with "@<order>" when the order is not the default."""
+        return self.name if self.order == DEFAULT_ORDER.tag else f"{self.name}@{self.order}"
 
 
 @dataclass(frozen=True)
@@ -679,9 +718,11 @@ def collect_result(study: optuna.Study, stage: str, bucket: int, default_name: s
     best: dict[str, ConfigTime] = {}
     for t in timed:
         name, attrs = t.user_attrs["config"], t.user_attrs
-        best.setdefault(name, ConfigTime(name, space.by_name[name].to_dict(), float(t.value),
-                                         float(attrs.get("p20_ms", t.value)),
-                                         float(attrs.get("p80_ms", t.value))))
+        order = str(attrs.get("order", DEFAULT_ORDER.tag))
+        point = name if not space.orders else f"{name}@{order}"
+        best.setdefault(point, ConfigTime(name, space.by_name[name].to_dict(), float(t.value),
+                                          float(attrs.get("p20_ms", t.value)),
+                                          float(attrs.get("p80_ms", t.value)), order))
     ranked = list(best.values())
     failures = tuple((t.user_attrs.get("config", "?"), _outcome(t), t.user_attrs.get("error", ""))
                      for t in trials if t.state == TrialState.FAIL
@@ -731,7 +772,8 @@ def _table(report: TuningReport, metadata: dict[str, Any]) -> TunedTable | None:
             TunedConfig(r.winner.name, r.winner.config), r.winner.median_ms, r.winner.p20_ms,
             r.winner.p80_ms, None if runner is None else TunedConfig(runner.name, runner.config),
             None if runner is None else runner.median_ms, r.default_name,
-            None if r.default is None else r.default.median_ms, r.peer_ms, r.evaluated)
+            None if r.default is None else r.default.median_ms, r.peer_ms, r.evaluated,
+            r.winner.order)
     if not entries or report.key is None or report.device is None:
         return None
     return TunedTable(report.key, report.problem, report.arch, report.device,
@@ -899,17 +941,68 @@ def _measure_peer(run: _Run, study: optuna.Study, stage: str, bucket: int) -> No
         study.set_user_attr("peer", {"failure": result.kind, "error": result.message[:500]})
 
 
-def _run_study(run: _Run, study: optuna.Study, stage: str, bucket: int,
+def _run_study(run: _Run, study: optuna.Study, space: StageSpace, target: int, bucket: int,
                timeout: float | None, bar: Any) -> None:
-    target = run.target(stage)
     done = _evaluated_count(study.get_trials(deepcopy=False))
     bar.update(min(done, target))
     if done >= target:
         return
     remaining = target - done
     stopper = _StopWhenDone(target, 4 * remaining + 32, bar)
-    objective = _Objective(run.spaces[stage], stage, bucket, run.evaluator, run.compile_errors)
+    objective = _Objective(space, space.stage, bucket, run.evaluator, run.compile_errors)
     study.optimize(objective, timeout=timeout, catch=(_TrialFailed,), callbacks=[stopper])
+
+
+def _tiles_both_ways(problem: LatentMoEProblem, stage: str, tokens: int,
+                     config: KernelConfig) -> bool:
+    """Whether a typical group of ``stage`` at ``tokens`` tokens spans at least two output
+    tiles along both M and N of the GEMM ``config`` runs (after a swap-AB): only then does the
+    order in which CTAs walk the tiles change which operand tiles they share in L2."""
+    shape = stage_shape(problem, stage)
+    rows = -(-shape.rows(tokens) // shape.groups)  # uniform routing's rows per expert
+    m, n = (shape.n, rows) if config.swap_ab else (rows, shape.n)
+    return -(-m // config.tile_m) >= 2 and -(-n // config.tile_n) >= 2
+
+
+def _order_study(run: _Run, stage: str, bucket: int, result: BucketResult
+                 ) -> tuple[optuna.Study, StageSpace] | None:
+    """The tile-order study of a bucket's winner, created and queued with every order; None
+    when orders cannot matter (one order on this arch, or a one-tile-wide grid)."""
+    orders = tile_orders(run.arch)
+    config = run.spaces[stage].by_name.get(result.winner.name)
+    if len(orders) < 2 or config is None or not _tiles_both_ways(run.problem, stage, bucket,
+                                                                   config):
+        return None
+    space = StageSpace(run.problem, stage, config.epilogue, (config,), orders)
+    # Named after the winner: a later run whose winner changed gets a study of its own.
+    study = _open_study(run.store, f"{run.name(stage, bucket)}|order|{config.name}", space,
+                        len(orders), worker=False)
+    _recover(study, space)
+    queued = {_name_of(space, t) for t in study.get_trials(deepcopy=False)}
+    for order in orders:
+        if space.point_name(config, {"order": order}) not in queued:
+            study.enqueue_trial(space.params_of(config, order), user_attrs={"seed": "order"})
+    return study, space
+
+
+def _tune_order(run: _Run, stage: str, bucket: int, result: BucketResult,
+                timeout: float | None, bar: Any) -> BucketResult:
+    """Time the bucket winner under every tile order (no recompile) and keep the fastest;
+    ``result`` is returned unchanged when orders cannot matter."""
+    opened = _order_study(run, stage, bucket, result)
+    if opened is None:
+        return result
+    study, space = opened
+    bar.total += len(space.orders)
+    bar.refresh()
+    _run_study(run, study, space, len(space.orders), bucket, timeout, bar)
+    ordered = collect_result(study, stage, bucket, result.default_name, space)
+    if ordered.winner is None:
+        return result
+    # Both the default order and the others were timed in this study, side by side.
+    return replace(result, winner=ordered.winner, evaluated=result.evaluated + ordered.evaluated,
+                   pruned=result.pruned + ordered.pruned,
+                   failures=result.failures + ordered.failures)
 
 
 def _prepare_studies(run: _Run, plan: Sequence[tuple[int, str]], notes: list[str]
@@ -951,9 +1044,17 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
                     _seed(run, study, stage, bucket)  # now with this run's neighbour winners
                     _measure_peer(run, study, stage, bucket)
                 timeout = None if left is None else left / (len(plan) - i)
-                _run_study(run, study, stage, bucket, timeout, bar)
+                _run_study(run, study, run.spaces[stage], run.target(stage), bucket, timeout,
+                           bar)
             default = default_config(run.problem, stage, bucket, run.arch).name
             result = collect_result(study, stage, bucket, default, run.spaces[stage])
+            left = None if deadline is None else deadline - time.monotonic()
+            # Workers leave tile orders to the run that seeds the studies: an order study
+            # exists only once its bucket's winner is known.
+            if (result.winner is not None and not run.worker and run.trials
+                    and (left is None or left > 0)):
+                timeout = None if left is None else left / (len(plan) - i)
+                result = _tune_order(run, stage, bucket, result, timeout, bar)
             if result.winner is not None:
                 run.winners[(stage, bucket)] = result.winner.name
             results.append(result)
@@ -1081,7 +1182,7 @@ def format_report(report: TuningReport) -> str:
         rows = [r for r in report.results if r.stage == stage]
         if not rows:
             continue
-        width = max([len("winner")] + [len(r.winner.name) for r in rows if r.winner])
+        width = max([len("winner")] + [len(r.winner.label) for r in rows if r.winner])
         lines += ["", f"stage {stage}",
                   f"{'tokens':>6}  {'winner':<{width}}  {'ms':>8} {'(p20-p80)':<19}  "
                   f"{'default':>8} {'x dflt':>7}  {'peer':>8} {'x peer':>7}  {'trials':>6}"]
@@ -1089,7 +1190,7 @@ def format_report(report: TuningReport) -> str:
             w = r.winner
             spread = "" if w is None else f"({w.p20_ms:.4f}-{w.p80_ms:.4f})"
             lines.append(
-                f"{r.bucket:>6}  {(w.name if w else 'none'):<{width}}  "
+                f"{r.bucket:>6}  {(w.label if w else 'none'):<{width}}  "
                 f"{_ms(w.median_ms if w else None):>8} {spread:<19}  "
                 f"{_ms(r.default.median_ms if r.default else None):>8} "
                 f"{_x(r.speedup_vs_default):>7}  {_ms(r.peer_ms):>8} {_x(r.speedup_vs_peer):>7}"
@@ -1299,9 +1400,10 @@ class GpuEvaluator:
         results = build(list(configs), jobs=jobs, on_done=report)
         return {r.config.name: None if r.ok else (r.log or "build failed") for r in results}
 
-    def evaluate(self, config: KernelConfig, stage: str, tokens: int
-                 ) -> Measurement | Failure:
-        """Gate ``config`` on ``stage`` at ``tokens`` tokens against the oracle, then time it."""
+    def evaluate(self, config: KernelConfig, stage: str, tokens: int,
+                 order: TileOrder = DEFAULT_ORDER) -> Measurement | Failure:
+        """Gate ``config`` launched with ``order`` on ``stage`` at ``tokens`` tokens against
+        the oracle, then time it."""
         from .bench import time_graph
         from .runtime import load
 
@@ -1310,14 +1412,14 @@ class GpuEvaluator:
             kernel = load(config, compile_if_missing=False)
         except Exception as e:  # noqa: BLE001 - a library that will not load is one failure
             return Failure("load", f"{type(e).__name__}: {e}")
-        failure, err = self._check(kernel, stage, tokens, dev)
+        failure, err = self._check(kernel, stage, tokens, dev, order)
         if failure is not None:
             return failure
         sets = self._timing_sets(stage, tokens, dev)
         if sets[0].arrays is not None:
-            fns = [lambda s=s: kernel.run(*s.arrays) for s in sets]
+            fns = [lambda s=s: kernel.run(*s.arrays, order=order) for s in sets]
         else:
-            fns = [lambda s=s: kernel.dense(s.inputs.a, s.inputs.b, s.out) for s in sets]
+            fns = [lambda s=s: kernel.dense(s.inputs.a, s.inputs.b, s.out, order) for s in sets]
         try:
             t = time_graph(fns, replays=self.replays)
         except Exception as e:  # noqa: BLE001 - classified below
@@ -1326,7 +1428,8 @@ class GpuEvaluator:
             return Failure("launch", f"timing: {type(e).__name__}: {e}")
         return Measurement(t.median_ms, t.p20_ms, t.p80_ms, t.samples, err)
 
-    def _check(self, kernel, stage: str, tokens: int, dev) -> tuple[Failure | None, float]:
+    def _check(self, kernel, stage: str, tokens: int, dev,
+               order: TileOrder = DEFAULT_ORDER) -> tuple[Failure | None, float]:
         import torch
 
         from .workload import make_inputs, reference_output, rel_error
@@ -1338,9 +1441,9 @@ class GpuEvaluator:
         out = inputs.empty_out(fill=float("nan"))
         try:
             if inputs.offs is None:
-                kernel.dense(inputs.a, inputs.b, out)
+                kernel.dense(inputs.a, inputs.b, out, order)
             else:
-                kernel.grouped_mm(inputs.a, inputs.b, inputs.offs, out=out)
+                kernel.grouped_mm(inputs.a, inputs.b, inputs.offs, out=out, order=order)
             if dev.type == "cuda":  # surface asynchronous launch errors here, per config
                 torch.cuda.synchronize(dev)
         except Exception as e:  # noqa: BLE001 - classified below

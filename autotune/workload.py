@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .problem import LatentMoEProblem
-from .space import KernelConfig
+from .space import DEFAULT_ORDER, KernelConfig, TileOrder
 
 STAGES = ("fc1", "up", "down", "fc2")
 GROUPED_STAGES = ("up", "down")
@@ -208,12 +208,14 @@ _PP, _COOP = "pingpong", "cooperative"
 
 @dataclass(frozen=True)
 class Plan:
-    """The GEMM configs of one forward: router(+fc1), grouped up, grouped down, fc2."""
+    """The GEMM configs of one forward: router(+fc1), grouped up, grouped down, fc2, and the
+    tile order each one launches with (same order as :meth:`configs`)."""
 
     router: KernelConfig
     up: KernelConfig
     down: KernelConfig
     fc2: KernelConfig
+    orders: tuple[TileOrder, TileOrder, TileOrder, TileOrder] = (DEFAULT_ORDER,) * 4
 
     def configs(self) -> list[KernelConfig]:
         return [self.router, self.up, self.down, self.fc2]
@@ -250,6 +252,8 @@ def all_default_configs(problem: LatentMoEProblem) -> list[KernelConfig]:
 
 
 PLAN_FIELD = {"fc1": "router", "up": "up", "down": "down", "fc2": "fc2"}
+# Index of each stage's entry in Plan.configs() and Plan.orders.
+PLAN_INDEX = {"fc1": 0, "up": 1, "down": 2, "fc2": 3}
 
 
 def default_config(problem: LatentMoEProblem, stage: str, tokens: int,

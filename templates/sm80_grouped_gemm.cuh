@@ -94,8 +94,11 @@ struct GroupedGemm : GroupedGemmEntry<GroupedGemm<Element_, TbM, TbN, TbK, WarpM
 
   template <class Fill>
   static int launch(int groups, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream, Fill fill) {
+                    Schedule sched, cudaStream_t stream, Fill fill) {
     if (sm_count <= 0) return fail(kBadArgument, "sm_count must be > 0");
+    // CUTLASS 2.x fixes the threadblock swizzle at compile time: no runtime schedule.
+    if (sched.raster != 0 || sched.swizzle != 1)
+      return fail(kBadArgument, "sm80/sm89 kernels take only raster 0 and swizzle 1");
     Layout l = layout(groups);
     if (workspace == nullptr || workspace_bytes < l.total)
       return fail(kWorkspaceTooSmall, "workspace smaller than workspace_size()");

@@ -170,7 +170,7 @@ struct GroupedGemm
   }
 
   static typename Gemm::Arguments arguments(int groups, uint8_t* ws, const Layout& l,
-                                            cutlass::KernelHardwareInfo hw) {
+                                            cutlass::KernelHardwareInfo hw, Schedule sched) {
     typename Gemm::Arguments args;
     decltype(args.epilogue.thread) fusion{};
     fusion.alpha = 1.0f;
@@ -184,13 +184,18 @@ struct GroupedGemm
          reinterpret_cast<ElementD**>(ws + l.ptr_d),
          reinterpret_cast<StrideD*>(ws + l.stride_d)},
         hw};
+    // The group scheduler walks each group's tiles in bands of `swizzle` tiles along the
+    // raster direction; which order reuses L2 best depends on the groups' shapes.
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.raster_order = sched.raster ? Raster::AlongN : Raster::AlongM;
+    args.scheduler.max_swizzle_size = sched.swizzle;
     return args;
   }
 
   static size_t cutlass_workspace(int groups, int sm_count) {
     cutlass::KernelHardwareInfo hw{0, sm_count, 0};
     Layout probe = layout(groups, 0);
-    auto args = arguments(groups, nullptr, probe, hw);
+    auto args = arguments(groups, nullptr, probe, hw, Schedule{0, 1});
     return Gemm::get_workspace_size(args);
   }
 
@@ -216,7 +221,7 @@ struct GroupedGemm
   // stream and launches the GEMM behind it: no host synchronisation anywhere.
   template <class Fill>
   static int launch(int groups, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream, Fill fill) {
+                    Schedule sched, cudaStream_t stream, Fill fill) {
     if (sm_count <= 0) return fail(kBadArgument, "sm_count must be > 0");
     Layout l = layout(groups, cutlass_workspace(groups, sm_count));
     if (workspace == nullptr || workspace_bytes < l.total)
@@ -228,7 +233,7 @@ struct GroupedGemm
     int device = 0;
     cudaGetDevice(&device);
     cutlass::KernelHardwareInfo hw{device, sm_count, max_active_clusters()};
-    auto args = arguments(groups, ws, l, hw);
+    auto args = arguments(groups, ws, l, hw, sched);
     Gemm gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess)
       return fail(kCannotImplement, "CUTLASS can_implement rejected the arguments");

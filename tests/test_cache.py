@@ -25,7 +25,7 @@ from autotune.cache import (
     write_table,
 )
 from autotune.problem import LatentMoEProblem, preset
-from autotune.space import KernelConfig
+from autotune.space import DEFAULT_ORDER, KernelConfig, TileOrder
 from autotune.workload import default_config
 
 PROBLEM = LatentMoEProblem(hidden_size=512, latent_size=256, intermediate_size=384,
@@ -244,6 +244,47 @@ def test_invalid_stored_config_falls_back_to_default(tmp_path, caplog):
         assert t.config_for("up", 3) == default_config(PROBLEM, "up", 3)
     assert len(_warnings(caplog, "not usable")) == 1
     assert t.config_for("up", 50) == UP_B  # other buckets unaffected
+
+
+def test_tile_order_is_stored_and_applies_only_with_its_winner(tmp_path):
+    from dataclasses import replace
+
+    table = _table(up=KernelConfig(128, 128, 64, 1, 1, "cooperative", False, "relu2", "bf16",
+                                   "sm90"))
+    table.entries["up"][64] = replace(table.entries["up"][64], order="n4")
+    path = write_table(table, tmp_path / "cache" / "tuned")
+    data = json.loads(path.read_text())
+    assert data["stages"]["up"]["64"]["order"] == "n4"
+    assert data["stages"]["up"]["4"]["order"] == "m1"
+    t = tuned_table(PROBLEM, "sm90", DEVICE)
+    assert t.order_for("up", 50) == TileOrder("n", 4) and t.config_for("up", 50) == UP_B
+    assert t.order_for("up", 4) == DEFAULT_ORDER
+
+
+def test_tables_without_orders_read_as_the_default_order_and_bad_orders_are_rejected(
+        tmp_path):
+    path = write_table(_table(), tmp_path / "out")
+    data = json.loads(path.read_text())
+    for per in data["stages"].values():
+        for entry in per.values():
+            del entry["order"]  # a table written before orders were tuned
+    path.write_text(json.dumps(data))
+    assert read_table(path).entries["up"][64].order == "m1"
+    data["stages"]["up"]["64"]["order"] = "x3"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TableError, match="tile order"):
+        read_table(path)
+
+
+def test_order_of_an_unusable_winner_is_not_applied(tmp_path, caplog):
+    from dataclasses import replace
+
+    bad = KernelConfig(64, 128, 64, 1, 1, "cooperative", False, "relu2")  # coop needs M >= 128
+    table = _table(up=bad)
+    table.entries["up"][4] = replace(table.entries["up"][4], order="n2")
+    write_table(table, tmp_path / "cache" / "tuned")
+    with caplog.at_level(logging.WARNING, logger="autotune"):
+        assert tuned_table(PROBLEM, "sm90", DEVICE).order_for("up", 4) == DEFAULT_ORDER
 
 
 def test_wrong_epilogue_falls_back_to_default(tmp_path, caplog):

@@ -85,3 +85,36 @@ def test_grouped_mm_graph_replay_with_fresh_inputs(kernels, config):
         ref = _reference(a, b, new_sizes)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err <= 1e-2, f"replay {seed}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("config", SM90[:2] + SM90[-1:], ids=lambda c: c.name)
+def test_every_tile_order_gives_the_same_result(kernels, config):
+    from autotune.space import TILE_ORDERS
+
+    # A tile order only changes which CTA computes which tile when: each tile's arithmetic is
+    # the same, so every order must agree bit for bit with the default, and with torch.
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    sizes = [700, 0, 33, 1200, 5]
+    a, b, offs = _groups(sizes, 1024, 512, "cuda", gen)
+    ref = _reference(a, b, sizes)
+    outs = {}
+    for order in TILE_ORDERS:
+        out = torch.full((a.shape[0], 1024), float("nan"), dtype=torch.bfloat16, device="cuda")
+        kernels[config.name].grouped_mm(a, b, offs, out=out, order=order)
+        outs[order.tag] = out
+    torch.cuda.synchronize()
+    err = ((outs["m1"].float() - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, f"rel err {err:.2e}"
+    for tag, out in outs.items():
+        assert torch.equal(out, outs["m1"]), f"order {tag} differs from the default"
+
+
+def test_sm80_kernels_refuse_a_runtime_tile_order(kernels):
+    from autotune.runtime import KernelError
+    from autotune.space import TileOrder
+
+    config = default_configs("sm80")[0]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    a, b, offs = _groups([8, 8], 64, 64, "cuda", gen)
+    with pytest.raises(KernelError, match="raster 0 and swizzle 1"):
+        kernels[config.name].grouped_mm(a, b, offs, order=TileOrder("n", 2))

@@ -8,12 +8,16 @@ import pytest
 
 from autotune.problem import PRESETS, LatentMoEProblem
 from autotune.space import (
+    DEFAULT_ORDER,
+    TILE_ORDERS,
     KernelConfig,
     Sm80Config,
+    TileOrder,
     default_configs,
     invalid_reason,
     search_space,
     space_hash,
+    tile_orders,
     valid,
 )
 
@@ -127,3 +131,16 @@ def test_sm80_and_sm89_spaces_differ_by_shared_memory():
     assert {c.name.replace("sm89", "sm80") for c in sm89} < {c.name for c in sm80}
     for arch in ("sm80", "sm89"):
         assert all(valid(c) for c in default_configs(arch))
+
+
+def test_tile_orders_round_trip_their_tags_and_abi():
+    assert [o.tag for o in TILE_ORDERS] == ["m1", "m2", "m4", "m8", "n1", "n2", "n4", "n8"]
+    for o in TILE_ORDERS:
+        assert TileOrder.from_tag(o.tag) == o
+    assert DEFAULT_ORDER.abi == (0, 1) and TileOrder("n", 8).abi == (1, 8)
+    for bad in ("m3", "x1", "", "n", 4, "m1x"):
+        with pytest.raises(ValueError, match="tile order"):
+            TileOrder.from_tag(bad)
+    assert tile_orders("sm90") == TILE_ORDERS
+    # CUTLASS 2.x compiles its threadblock swizzle in: the default order only.
+    assert tile_orders("sm80") == tile_orders("sm89") == (DEFAULT_ORDER,)

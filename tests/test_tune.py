@@ -27,7 +27,14 @@ from autotune import tune
 from autotune.cache import DeviceInfo, read_table, tuning_key
 from autotune.problem import LatentMoEProblem, preset
 from autotune.runtime import group_arrays
-from autotune.space import invalid_reason, valid
+from autotune.space import (
+    DEFAULT_ORDER,
+    TILE_ORDERS,
+    KernelConfig,
+    TileOrder,
+    invalid_reason,
+    valid,
+)
 from autotune.tune import (
     Failure,
     GpuEvaluator,
@@ -85,6 +92,8 @@ class StandIn:
     log_path: str | None = None
     calls: list = field(default_factory=list)
     prepared: list = field(default_factory=list)
+    orders: list = field(default_factory=list)  # (config, stage, tokens, order tag) calls
+    order_gain: dict = field(default_factory=dict)  # order tag -> time factor
 
     def prepare(self, configs, jobs=None, on_done=None):
         out = {}
@@ -95,7 +104,7 @@ class StandIn:
                 on_done(c.name, out[c.name])
         return out
 
-    def evaluate(self, config, stage, tokens):
+    def evaluate(self, config, stage, tokens, order=None):
         if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
             raise KeyboardInterrupt
         if self.exit_after is not None and len(self.calls) >= self.exit_after:
@@ -114,6 +123,9 @@ class StandIn:
         if config.name in self.wrong:
             return Failure("wrong", "relative error 0.7 > 0.01 against the fp32 reference")
         t = fake_ms(config.name, stage, tokens)
+        if order is not None:
+            self.orders.append((config.name, stage, tokens, order.tag))
+            t *= self.order_gain.get(order.tag, 1.0)
         return Measurement(t, 0.98 * t, 1.03 * t, 20, 1e-3)
 
     def peer(self, stage, tokens):
@@ -463,7 +475,8 @@ def test_invalid_points_never_reach_the_evaluator(tmp_path):
 
 
 def test_interrupted_run_resumes_keeping_finished_trials(tmp_path):
-    kw = dict(stages=["up", "down"], buckets=[4, 256], trials=6, progress=False, max_configs=9)
+    # Buckets whose grids are one tile wide: no tile-order study adds evaluations here.
+    kw = dict(stages=["up", "down"], buckets=[4, 64], trials=6, progress=False, max_configs=9)
     first = StandIn(interrupt_after=9)
     with pytest.raises(KeyboardInterrupt):
         run_tuning(PROBLEM, evaluator=first, **kw)
@@ -621,6 +634,40 @@ def test_worker_without_studies_does_nothing():
     assert any("no study" in n for n in report.notes)
 
 
+def test_tile_orders_are_tuned_for_the_winner_without_recompiling():
+    # fc1 at 1024 tokens spans several tiles both ways whatever the winner, so its winner is
+    # timed under every sm90 tile order; "n4" is made 10% faster.
+    ev = StandIn(order_gain={"n4": 0.9})
+    kw = dict(stages=["fc1"], buckets=[4, 1024], trials=5, progress=False, max_configs=8)
+    report = run_tuning(PROBLEM, evaluator=ev, **kw)
+    big, small = report.result("fc1", 1024), report.result("fc1", 4)
+    assert big.winner.order == "n4" and big.winner.label.endswith("@n4")
+    assert sorted(o for *_, o in ev.orders) == sorted(o.tag for o in TILE_ORDERS)
+    assert {(c, t) for c, _, t, _ in ev.orders} == {(big.winner.name, 1024)}
+    assert big.evaluated == 5 + len(TILE_ORDERS)
+    assert small.winner.order == "m1" and small.evaluated == 5  # one tile wide: no order study
+    assert sorted(ev.prepared) == sorted(set(ev.prepared))  # nothing compiled for the orders
+    table = read_table(report.table_path)
+    assert table.entries["fc1"][1024].order == "n4"
+    assert table.order_for("fc1", 1000) == TileOrder("n", 4)
+    assert table.order_for("fc1", 3) == DEFAULT_ORDER
+    assert "@n4" in tune.format_report(report)
+    # A rerun finds every trial, the order studies' too, already done.
+    again = StandIn(order_gain={"n4": 0.9})
+    run_tuning(PROBLEM, evaluator=again, **kw)
+    assert again.calls == [] and again.orders == []
+
+
+def test_order_study_needs_a_grid_two_tiles_wide():
+    wide = KernelConfig(128, 128, 64)
+    assert tune._tiles_both_ways(PROBLEM, "fc1", 1024, wide)
+    assert not tune._tiles_both_ways(PROBLEM, "fc1", 64, wide)  # 64 rows: one tile along M
+    swapped = KernelConfig(128, 16, 128, schedule="pingpong", swap_ab=True)
+    # Swap-AB puts the tokens on N: 4 tokens per call stay one 16-wide tile.
+    assert not tune._tiles_both_ways(PROBLEM, "fc1", 4, swapped)
+    assert tune._tiles_both_ways(PROBLEM, "fc1", 64, swapped)
+
+
 def test_time_budget_stops_the_run():
     ev = StandIn(delay=0.05)
     start = time.monotonic()
@@ -721,10 +768,10 @@ class TorchKernel:
         out[:rows] = y[:rows]
         return out
 
-    def dense(self, a, b, out):
+    def dense(self, a, b, out, order=None):
         return self._write(a.float() @ b.float().T, out)
 
-    def grouped_mm(self, a, b, offs, out):
+    def grouped_mm(self, a, b, offs, out, order=None):
         ends = [0] + offs.tolist()
         acc = torch.cat([a[ends[g]:ends[g + 1]].float() @ b[g].float().T
                          for g in range(b.shape[0])])

@@ -12,15 +12,18 @@ AUTOTUNE_EXPORT size_t sm90_bf16_128x128x64_c1x2_coop_workspace_size(int groups,
 
 AUTOTUNE_EXPORT int sm90_bf16_128x128x64_c1x2_coop_run(int groups, const int32_t* problem_mnk, const void* const* ptr_a,
                                    const void* const* ptr_b, void* const* ptr_d, void* workspace,
-                                   size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+                                   size_t workspace_bytes, int sm_count, int raster,
+                                   int swizzle, cudaStream_t stream) {
   return Kernel::run(groups, problem_mnk, ptr_a, ptr_b, ptr_d, workspace, workspace_bytes,
-                     sm_count, stream);
+                     sm_count, raster, swizzle, stream);
 }
 
 AUTOTUNE_EXPORT int sm90_bf16_128x128x64_c1x2_coop_run_dense(int m, int n, int k, const void* a, const void* b,
                                          void* d, void* workspace, size_t workspace_bytes,
-                                         int sm_count, cudaStream_t stream) {
-  return Kernel::run_dense(m, n, k, a, b, d, workspace, workspace_bytes, sm_count, stream);
+                                         int sm_count, int raster, int swizzle,
+                                         cudaStream_t stream) {
+  return Kernel::run_dense(m, n, k, a, b, d, workspace, workspace_bytes, sm_count, raster,
+                           swizzle, stream);
 }
 
 AUTOTUNE_EXPORT const char* sm90_bf16_128x128x64_c1x2_coop_last_error() { return autotune::g_last_error; }
