@@ -37,6 +37,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import optuna
+from filelock import FileLock
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -606,8 +608,11 @@ def _checked(m: Measurement) -> Measurement | Failure:
 
 
 class _StopWhenDone:
-    """Stops a study once ``target`` candidates are evaluated (counted over all workers) or
-    this process has made ``max_attempts`` trials; advances the progress bar."""
+    """Stops a study once ``target`` candidates are evaluated or being evaluated (counted over
+    all workers: another worker's RUNNING trial counts, so N workers do not each start one more
+    trial at the end) or this process has made ``max_attempts`` trials; advances the progress
+    bar. A RUNNING trial that then fails leaves the study one short; the next run without
+    ``--worker`` tops it up."""
 
     def __init__(self, target: int, max_attempts: int, bar: Any):
         self.target, self.max_attempts, self.bar = target, max_attempts, bar
@@ -617,8 +622,11 @@ class _StopWhenDone:
         self.attempts += 1
         if trial.state.is_finished() and _outcome(trial) in _EVALUATED:
             self.bar.update(1)
+        trials = study.get_trials(deepcopy=False)
+        # The trial this callback reports is finished: every RUNNING one is another worker's.
+        in_flight = sum(t.state == TrialState.RUNNING for t in trials)
         if (self.attempts >= self.max_attempts
-                or _evaluated_count(study.get_trials(deepcopy=False)) >= self.target):
+                or _evaluated_count(trials) + in_flight >= self.target):
             study.stop()
 
 
@@ -730,7 +738,8 @@ def collect_result(study: optuna.Study, stage: str, bucket: int, default_name: s
     peer = study.user_attrs.get("peer") or {}
     return BucketResult(
         stage, bucket, default_name, ranked[0] if ranked else None,
-        ranked[1] if len(ranked) > 1 else None, best.get(default_name),
+        ranked[1] if len(ranked) > 1 else None,
+        best.get(default_name) or best.get(f"{default_name}@{DEFAULT_ORDER.tag}"),
         peer.get("median_ms"), _evaluated_count(trials),
         sum(1 for t in trials if t.state == TrialState.PRUNED), failures)
 
@@ -966,41 +975,54 @@ def _tiles_both_ways(problem: LatentMoEProblem, stage: str, tokens: int,
 
 def _order_study(run: _Run, stage: str, bucket: int, result: BucketResult
                  ) -> tuple[optuna.Study, StageSpace] | None:
-    """The tile-order study of a bucket's winner, created and queued with every order; None
-    when orders cannot matter (one order on this arch, or a one-tile-wide grid)."""
+    """The tile-order study of a bucket's winner, created and queued with every order and with
+    the default config at the default order beside them; None when orders cannot matter (one
+    order on this arch, or a one-tile-wide grid)."""
     orders = tile_orders(run.arch)
-    config = run.spaces[stage].by_name.get(result.winner.name)
+    by_name = run.spaces[stage].by_name
+    config = by_name.get(result.winner.name)
     if len(orders) < 2 or config is None or not _tiles_both_ways(run.problem, stage, bucket,
                                                                    config):
         return None
-    space = StageSpace(run.problem, stage, config.epilogue, (config,), orders)
+    default = by_name.get(result.default_name)
+    configs = (config,) if default in (None, config) else (config, default)
+    space = StageSpace(run.problem, stage, config.epilogue, configs, orders)
+    points = [(config, order) for order in orders]
+    if len(configs) == 2:
+        points.append((default, DEFAULT_ORDER))
     # Named after the winner: a later run whose winner changed gets a study of its own.
     study = _open_study(run.store, f"{run.name(stage, bucket)}|order|{config.name}", space,
-                        len(orders), worker=False)
+                        len(points), worker=False)
     _recover(study, space)
     queued = {_name_of(space, t) for t in study.get_trials(deepcopy=False)}
-    for order in orders:
-        if space.point_name(config, {"order": order}) not in queued:
-            study.enqueue_trial(space.params_of(config, order), user_attrs={"seed": "order"})
+    for c, order in points:
+        if space.point_name(c, {"order": order}) not in queued:
+            study.enqueue_trial(space.params_of(c, order), user_attrs={"seed": "order"})
     return study, space
 
 
 def _tune_order(run: _Run, stage: str, bucket: int, result: BucketResult,
                 timeout: float | None, bar: Any) -> BucketResult:
-    """Time the bucket winner under every tile order (no recompile) and keep the fastest;
-    ``result`` is returned unchanged when orders cannot matter."""
+    """Time the bucket winner under every tile order (no recompile), and the default config
+    beside them, and keep the fastest; ``result`` is returned unchanged when orders cannot
+    matter.
+
+    The winner and the default of the returned result are both from this one study, timed side
+    by side: times taken minutes apart in different studies drift by a few percent (clocks,
+    L2 and routing draws), enough to report a tuned bucket slower than its default."""
     opened = _order_study(run, stage, bucket, result)
     if opened is None:
         return result
     study, space = opened
-    bar.total += len(space.orders)
+    target = len(space.orders) + len(space.configs) - 1
+    bar.total += target
     bar.refresh()
-    _run_study(run, study, space, len(space.orders), bucket, timeout, bar)
+    _run_study(run, study, space, target, bucket, timeout, bar)
     ordered = collect_result(study, stage, bucket, result.default_name, space)
     if ordered.winner is None:
         return result
-    # Both the default order and the others were timed in this study, side by side.
-    return replace(result, winner=ordered.winner, evaluated=result.evaluated + ordered.evaluated,
+    return replace(result, winner=ordered.winner, default=ordered.default or result.default,
+                   evaluated=result.evaluated + ordered.evaluated,
                    pruned=result.pruned + ordered.pruned,
                    failures=result.failures + ordered.failures)
 
@@ -1257,8 +1279,8 @@ def main_from_args(args: Any, problem: LatentMoEProblem, arch: str) -> int:
 
     Reads ``tokens``, ``trials``, ``time_budget``, ``jobs``, ``storage``, ``worker``,
     ``cache_dir``, ``compile_only`` and (optional) ``configs`` from ``args``. Returns the exit
-    status: 0, 1 when no bucket found a working kernel, 2 on bad arguments, 130 when
-    interrupted (the run resumes when repeated).
+    status: 0, 1 when no bucket found a working kernel (trials were asked for), 2 on bad
+    arguments, 130 when interrupted (the run resumes when repeated).
     """
     root = Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else None
     names = getattr(args, "configs", None)
@@ -1280,7 +1302,9 @@ def main_from_args(args: Any, problem: LatentMoEProblem, arch: str) -> int:
     if report.timed and any(r.winner for r in report.results):
         png = (root or env.cache_dir()) / "reports" / f"{report.key}.png"
         print(f"plot: {plot_report(report, png)}")
-    if report.timed and report.results and not any(r.winner for r in report.results):
+    # --trials 0 only prepares the studies (for workers): no winner is the expected outcome.
+    if (report.timed and report.results and args.trials != 0
+            and not any(r.winner for r in report.results)):
         return 1
     return 0
 
@@ -1288,6 +1312,26 @@ def main_from_args(args: Any, problem: LatentMoEProblem, arch: str) -> int:
 # --------------------------------------------------------------------------------------------
 # The real evaluator: compile with build, gate against the fp32 oracle, time by graph replay
 # --------------------------------------------------------------------------------------------
+
+def gpu_lock_path(index: int) -> Path:
+    """The lock file that serialises GPU work of every tuning process on device ``index`` of
+    this host, named by the device's UUID (the same GPU under any ``CUDA_VISIBLE_DEVICES``)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    ident = str(getattr(props, "uuid", "") or f"{props.name}-{props.pci_bus_id}")
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in ident)
+    return Path(tempfile.gettempdir()) / f"autotune-gpu-{safe}.lock"
+
+
+@contextlib.contextmanager
+def gpu_turn(index: int) -> Iterator[None]:
+    """Hold this process's turn on GPU ``index``: workers that share one GPU check and time one
+    at a time. Two kernels timed at once on one GPU share its SMs and bandwidth, and each
+    measures the pair (both read up to 2x slow, and the winner becomes whoever ran alone)."""
+    with FileLock(str(gpu_lock_path(index))):
+        yield
+
 
 class DeviceError(RuntimeError):
     """A CUDA error that poisons the context (illegal address, ...): later timings in this
@@ -1412,20 +1456,22 @@ class GpuEvaluator:
             kernel = load(config, compile_if_missing=False)
         except Exception as e:  # noqa: BLE001 - a library that will not load is one failure
             return Failure("load", f"{type(e).__name__}: {e}")
-        failure, err = self._check(kernel, stage, tokens, dev, order)
-        if failure is not None:
-            return failure
-        sets = self._timing_sets(stage, tokens, dev)
-        if sets[0].arrays is not None:
-            fns = [lambda s=s: kernel.run(*s.arrays, order=order) for s in sets]
-        else:
-            fns = [lambda s=s: kernel.dense(s.inputs.a, s.inputs.b, s.out, order) for s in sets]
-        try:
-            t = time_graph(fns, replays=self.replays)
-        except Exception as e:  # noqa: BLE001 - classified below
-            if _is_device_error(e, dev):
-                raise DeviceError(f"{config.name}: {e}") from e
-            return Failure("launch", f"timing: {type(e).__name__}: {e}")
+        with gpu_turn(dev.index):
+            failure, err = self._check(kernel, stage, tokens, dev, order)
+            if failure is not None:
+                return failure
+            sets = self._timing_sets(stage, tokens, dev)
+            if sets[0].arrays is not None:
+                fns = [lambda s=s: kernel.run(*s.arrays, order=order) for s in sets]
+            else:
+                fns = [lambda s=s: kernel.dense(s.inputs.a, s.inputs.b, s.out, order)
+                       for s in sets]
+            try:
+                t = time_graph(fns, replays=self.replays)
+            except Exception as e:  # noqa: BLE001 - classified below
+                if _is_device_error(e, dev):
+                    raise DeviceError(f"{config.name}: {e}") from e
+                return Failure("launch", f"timing: {type(e).__name__}: {e}")
         return Measurement(t.median_ms, t.p20_ms, t.p80_ms, t.samples, err)
 
     def _check(self, kernel, stage: str, tokens: int, dev,
@@ -1511,7 +1557,8 @@ class GpuEvaluator:
 
         call = dense if sets[0].arrays is None else grouped
         try:
-            t = time_graph([lambda s=s: call(s) for s in sets], replays=self.replays)
+            with gpu_turn(dev.index):
+                t = time_graph([lambda s=s: call(s) for s in sets], replays=self.replays)
         except Exception as e:  # noqa: BLE001 - the peer is context, never a stop
             if _is_device_error(e, dev):
                 raise DeviceError(f"peer of {stage}: {e}") from e
