@@ -156,8 +156,9 @@ def tune_main(argv: list[str]) -> int:
         code = _compile(args, arch, problem)
         if present != arch:
             found = f"found {present}" if present else "no CUDA GPU found"
+            done = "generated (--render-only)" if args.render_only else "generated and compiled"
             print(f"\nTiming needs an {arch} GPU ({ARCHS[arch].parts}); {found}. Sources were "
-                  f"generated and compiled; run the same command on an {arch} GPU to tune.")
+                  f"{done}; run the same command on an {arch} GPU to tune.")
         elif arch != "sm90" and can_time:
             print(f"\nTuning on {arch} is not implemented yet (the tuner and the fused forward "
                   "are sm90-only); the kernels above were compiled.")

@@ -33,7 +33,8 @@ class Arch:
 
 
 # sm90a (not sm90) is required: wgmma, setmaxnreg and TMA multicast are arch-conditional features
-# that a plain sm_90 target rejects. The sm80/sm89 libraries also embed PTX: machine code does not
+# that a plain sm_90 target rejects; likewise sm100a for tcgen05 (UMMA, tensor memory, 2-CTA MMA),
+# which nvcc accepts from 12.8 on. The sm80/sm89 libraries also embed PTX: machine code does not
 # run across major versions, and with the PTX newer GPUs (an H200 too) JIT-compile and run them.
 ARCHS: dict[str, Arch] = {
     "sm80": Arch("sm80", (8, 0), "arch=compute_80,code=[sm_80,compute_80]", 163 * 1024, 108,
@@ -43,7 +44,7 @@ ARCHS: dict[str, Arch] = {
     "sm90": Arch("sm90", (9, 0), "arch=compute_90a,code=sm_90a", 227 * 1024, 132, (12, 3), True,
                  "H100, H200"),
     "sm100": Arch("sm100", (10, 0), "arch=compute_100a,code=sm_100a", 227 * 1024, 148, (12, 8),
-                  False, "B200, GB200"),
+                  True, "B200, GB200"),
 }
 
 

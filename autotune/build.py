@@ -76,6 +76,15 @@ def nvcc_release(nvcc: str) -> tuple[int, int]:
     raise BuildError(f"cannot read the release of {nvcc} from: {text!r}")
 
 
+def nvcc_target_reason(nvcc: str, arch: str) -> str | None:
+    """Why ``nvcc`` cannot target ``arch`` (older than the arch's ``min_nvcc``), or None."""
+    need, have = get_arch(arch).min_nvcc, nvcc_release(nvcc)
+    if have >= need:
+        return None
+    return (f"{arch} kernels need nvcc {need[0]}.{need[1]} or newer "
+            f"(-gencode={get_arch(arch).gencode}); {nvcc} is release {have[0]}.{have[1]}")
+
+
 @functools.cache
 def cutlass_include_dirs() -> tuple[Path, Path]:
     """CUTLASS/CuTe headers and CUTLASS's util headers, from the nvidia-cutlass wheel."""
@@ -208,15 +217,22 @@ def build(configs: list[KernelConfig], jobs: int | None = None,
 
     Requirements
     ------------
-    nvcc and the CUTLASS headers are present (else :class:`BuildError`, before any compile).
+    nvcc and the CUTLASS headers are present (else :class:`BuildError`, before any compile). A
+    config whose architecture needs a newer nvcc fails without running it.
     """
     nvcc = find_nvcc()
     cutlass_include_dirs()
     jobs = jobs or default_jobs()
+    too_old = {arch: nvcc_target_reason(nvcc, arch) for arch in {c.arch for c in configs}}
     results: dict[int, BuildResult] = {}
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
         for i, config in enumerate(configs):
+            if too_old[config.arch]:
+                results[i] = BuildResult(config, "failed", 0.0, None, too_old[config.arch])
+                if on_done:
+                    on_done(results[i])
+                continue
             key = build_key(config, nvcc)
             if library_path(config, key).is_file():
                 results[i] = BuildResult(config, "cached", 0.0, library_path(config, key))

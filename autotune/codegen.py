@@ -13,13 +13,13 @@ from pathlib import Path
 import jinja2
 
 from .env import generated_dir, template_dir
-from .space import KernelConfig, RoutingConfig, Sm80Config, invalid_reason
+from .space import KernelConfig, RoutingConfig, Sm80Config, Sm100Config, invalid_reason
 
 _ELEMENT = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _CUDA_ELEMENT = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 _TEMPLATE = {"sm90": "sm90_grouped_gemm.cu.j2", "sm80": "sm80_grouped_gemm.cu.j2",
-             "sm89": "sm80_grouped_gemm.cu.j2"}
-# Must match enum EpilogueKind in templates/sm90_grouped_gemm.cuh.
+             "sm89": "sm80_grouped_gemm.cu.j2", "sm100": "sm100_grouped_gemm.cu.j2"}
+# Must match enum EpilogueKind in templates/sm90_grouped_gemm.cuh (sm100 shares it).
 _EPILOGUE_KIND = {"identity": "0", "relu2": "1", "f32": "2"}
 
 
@@ -32,7 +32,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def template_name(config: KernelConfig | Sm80Config | RoutingConfig) -> str:
+def template_name(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> str:
     """File name of the template that renders ``config``."""
     if isinstance(config, RoutingConfig):
         return "moe_routing.cu.j2"
@@ -41,7 +41,7 @@ def template_name(config: KernelConfig | Sm80Config | RoutingConfig) -> str:
     return _TEMPLATE[config.arch]
 
 
-def context(config: KernelConfig | Sm80Config | RoutingConfig) -> dict[str, str]:
+def context(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> dict[str, str]:
     """The template variables of ``config``, already stringified for C++."""
     if isinstance(config, RoutingConfig):
         return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
@@ -49,7 +49,7 @@ def context(config: KernelConfig | Sm80Config | RoutingConfig) -> dict[str, str]
         return {"name": config.name, "element": _ELEMENT[config.dtype],
                 **{k: str(getattr(config, k))
                    for k in ("tb_m", "tb_n", "tb_k", "warp_m", "warp_n", "stages")}}
-    return {
+    common = {
         "name": config.name,
         "element": _ELEMENT[config.dtype],
         "tile_m": str(config.tile_m),
@@ -57,13 +57,15 @@ def context(config: KernelConfig | Sm80Config | RoutingConfig) -> dict[str, str]
         "tile_k": str(config.tile_k),
         "cluster_m": str(config.cluster_m),
         "cluster_n": str(config.cluster_n),
-        "cooperative": "true" if config.schedule == "cooperative" else "false",
         "swap_ab": "true" if config.swap_ab else "false",
         "epilogue": _EPILOGUE_KIND[config.epilogue],
     }
+    if isinstance(config, Sm100Config):
+        return {**common, "two_sm": "true" if config.schedule == "2sm" else "false"}
+    return {**common, "cooperative": "true" if config.schedule == "cooperative" else "false"}
 
 
-def render(config: KernelConfig | Sm80Config | RoutingConfig) -> str:
+def render(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> str:
     """The CUDA source of ``config``.
 
     Requirements
@@ -90,7 +92,7 @@ def templates_hash() -> str:
     return h.hexdigest()
 
 
-def write_source(config: KernelConfig | Sm80Config | RoutingConfig,
+def write_source(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig,
                  out_dir: Path | None = None) -> Path:
     """Render ``config`` into ``out_dir/<name>.cu`` (default :func:`generated_dir`).
 

@@ -1,9 +1,10 @@
 """Kernel configurations, their one validity predicate, and the search space per architecture.
 
-A :class:`KernelConfig` names one compiled grouped-GEMM variant. Its :attr:`KernelConfig.name` is
-procedural (``sm90_bf16_128x128x64_c1x2_coop``) and serves as identity, file name, symbol prefix
-and log key. :func:`invalid_reason` is the single predicate: enumeration, the tuner, codegen and
-the runtime all ask it, so an invalid point never reaches a compile.
+A :class:`KernelConfig` (:class:`Sm80Config`, :class:`Sm100Config` on those architectures) names
+one compiled grouped-GEMM variant. Its :attr:`KernelConfig.name` is procedural
+(``sm90_bf16_128x128x64_c1x2_coop``) and serves as identity, file name, symbol prefix and log key.
+:func:`invalid_reason` is the single predicate: enumeration, the tuner, codegen and the runtime all
+ask it, so an invalid point never reaches a compile.
 """
 
 from __future__ import annotations
@@ -115,10 +116,10 @@ DEFAULT_ORDER = TileOrder()
 
 
 def tile_orders(arch: str) -> tuple[TileOrder, ...]:
-    """The tile orders ``arch``'s kernels take at launch: all of :data:`TILE_ORDERS` on sm90
-    (CUTLASS 3.x tile scheduler arguments); the default alone where the swizzle is compiled in
-    (CUTLASS 2.x on sm80/sm89)."""
-    return TILE_ORDERS if arch == "sm90" else (DEFAULT_ORDER,)
+    """The tile orders ``arch``'s kernels take at launch: all of :data:`TILE_ORDERS` on sm90 and
+    sm100 (CUTLASS 3.x group tile scheduler arguments); the default alone where the swizzle is
+    compiled in (CUTLASS 2.x on sm80/sm89)."""
+    return TILE_ORDERS if arch in ("sm90", "sm100") else (DEFAULT_ORDER,)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,117 @@ def _sm80_reason(c: Sm80Config, smem_per_block: int) -> str | None:
     return None
 
 
+SM100_SCHEDULES = ("1sm", "2sm")
+
+
+@dataclass(frozen=True)
+class Sm100Config:
+    """One sm100 (Blackwell, CUTLASS 3.x UMMA) ptr-array grouped-GEMM variant.
+
+    Same GEMM, swap-AB meaning, epilogues and C ABI as :class:`KernelConfig`. ``schedule`` is
+    "1sm" (one CTA issues each MMA) or "2sm" (a pair of CTAs along cluster M issues one MMA
+    together). The tile is the MMA tile, as CUTLASS's sm100 builders take it: with "2sm" it
+    spans the CTA pair, each CTA holding ``tile_m / 2`` rows of A and ``tile_n / 2`` rows of B.
+    """
+
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    cluster_m: int = 1
+    cluster_n: int = 1
+    schedule: str = "1sm"
+    swap_ab: bool = False
+    epilogue: str = "identity"
+    dtype: str = "bf16"
+    arch: str = "sm100"
+
+    @property
+    def name(self) -> str:
+        swap = "_swapab" if self.swap_ab else ""
+        epi = "" if self.epilogue == "identity" else f"_{self.epilogue}"
+        return (f"{self.arch}_{self.dtype}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
+                f"_c{self.cluster_m}x{self.cluster_n}_{self.schedule}{swap}{epi}")
+
+    @property
+    def mma_ctas(self) -> int:
+        """CTAs that share one MMA: 2 for "2sm", else 1."""
+        return 2 if self.schedule == "2sm" else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_epilogue(self, epilogue: str) -> Sm100Config:
+        return replace(self, epilogue=epilogue)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Sm100Config:
+        return cls(**d)
+
+
+# Shared memory the sm100 kernel keeps outside the epilogue and the mainloop stages: pipeline
+# barriers, scheduler responses, the TMEM base pointer and the ptr-array kernel's two tensor maps.
+_SM100_KERNEL_SMEM = 1024
+
+
+def _sm100_stage_bytes(c: Sm100Config) -> int:
+    # Per CTA: with 2SM MMA each CTA of the pair stages half of A's rows and half of B's.
+    return (c.tile_m + c.tile_n) // c.mma_ctas * c.tile_k * _DTYPE_BYTES[c.dtype]
+
+
+def _sm100_tile_reason(c: Sm100Config) -> str | None:
+    if c.arch != "sm100":
+        return f"Sm100Config is for sm100, not {c.arch}"
+    if c.schedule not in SM100_SCHEDULES:
+        return f"schedule {c.schedule!r} not in {SM100_SCHEDULES}"
+    if c.dtype not in DTYPES:
+        return f"dtype {c.dtype!r} not in {DTYPES}"
+    if c.epilogue not in EPILOGUES:
+        return f"epilogue {c.epilogue!r} not in {EPILOGUES}"
+    # UMMA's M extent: 64 or 128 rows from one CTA's tensor memory, 128 or 256 across a pair.
+    if c.schedule == "1sm" and c.tile_m not in (64, 128):
+        return f"1SM MMA needs tile M of 64 or 128, got {c.tile_m}"
+    if c.schedule == "2sm" and c.tile_m not in (128, 256):
+        return f"2SM MMA needs tile M of 128 or 256 (the CTA pair's), got {c.tile_m}"
+    # UMMA's N: steps of 16 up to 256 for 2SM, steps of 8 for 1SM (which no space tile uses).
+    # N <= 256 fp32 columns is at most half of tensor memory's 512, so the accumulator is always
+    # double-buffered (the epilogue drains one tile while the MMA fills the next).
+    if not 16 <= c.tile_n <= 256 or c.tile_n % 16:
+        return f"tile N must be a multiple of 16 in [16, 256], got {c.tile_n}"
+    if c.tile_k * _DTYPE_BYTES[c.dtype] not in (64, 128, 256):
+        return f"tile K of {c.tile_k} {c.dtype} is not 64, 128 or 256 bytes"
+    return None
+
+
+def _sm100_cluster_reason(c: Sm100Config) -> str | None:
+    for side, v in (("cluster M", c.cluster_m), ("cluster N", c.cluster_n)):
+        if v not in (1, 2, 4, 8):
+            return f"{side} must be 1, 2, 4 or 8, got {v}"
+    # Blackwell also allows 16-CTA clusters, but only as a non-portable opt-in.
+    if c.cluster_m * c.cluster_n > _MAX_CLUSTER:
+        return f"cluster size {c.cluster_m * c.cluster_n} exceeds the portable {_MAX_CLUSTER}"
+    if c.schedule == "2sm" and c.cluster_m % 2:
+        return f"2SM MMA pairs CTAs along cluster M, which must be even, got {c.cluster_m}"
+    # TMA multicast slices each CTA's A rows among the cluster's N side and B's rows among its
+    # M side; every slice stays a whole number of 8-row core matrices.
+    cta_m = c.tile_m // c.mma_ctas
+    if cta_m % c.cluster_n or (cta_m // c.cluster_n) % 8:
+        return f"tile M {c.tile_m} does not split into {c.cluster_n} multicast slices of 8k rows"
+    if c.tile_n % c.cluster_m or (c.tile_n // c.cluster_m) % 8:
+        return f"tile N {c.tile_n} does not split into {c.cluster_m} multicast slices of 8k rows"
+    return None
+
+
+def _sm100_reason(c: Sm100Config, smem_per_block: int) -> str | None:
+    reason = _sm100_tile_reason(c) or _sm100_cluster_reason(c)
+    if reason:
+        return reason
+    need = _MIN_STAGES * _sm100_stage_bytes(c) + _EPILOGUE_SMEM + _SM100_KERNEL_SMEM
+    if need > smem_per_block:
+        return (f"{_MIN_STAGES} stages of {_sm100_stage_bytes(c)} B per CTA plus the epilogue "
+                f"need {need} B of shared memory, over {smem_per_block} B")
+    return None
+
+
 def _stage_bytes(c: KernelConfig) -> int:
     return (c.tile_m + c.tile_n) * c.tile_k * _DTYPE_BYTES[c.dtype]
 
@@ -238,7 +350,8 @@ def _cluster_reason(c: KernelConfig) -> str | None:
     return None
 
 
-def _problem_reason(c: KernelConfig | Sm80Config, problem: LatentMoEProblem) -> str | None:
+def _problem_reason(c: KernelConfig | Sm80Config | Sm100Config,
+                    problem: LatentMoEProblem) -> str | None:
     per = ALIGN_BYTES // _DTYPE_BYTES[c.dtype]
     dims = {"expert width (latent or hidden)": problem.expert_width,
             "intermediate_size": problem.intermediate_size, "hidden_size": problem.hidden_size}
@@ -251,7 +364,7 @@ def _problem_reason(c: KernelConfig | Sm80Config, problem: LatentMoEProblem) -> 
     return None
 
 
-def invalid_reason(config: KernelConfig | Sm80Config | RoutingConfig,
+def invalid_reason(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig,
                    problem: LatentMoEProblem | None = None) -> str | None:
     """Why ``config`` cannot run (on ``problem`` if given), or None if it is valid.
 
@@ -269,8 +382,12 @@ def invalid_reason(config: KernelConfig | Sm80Config | RoutingConfig,
     if isinstance(config, Sm80Config):
         reason = _sm80_reason(config, arch.smem_per_block)
         return reason or (None if problem is None else _problem_reason(config, problem))
+    if isinstance(config, Sm100Config):
+        reason = _sm100_reason(config, arch.smem_per_block)
+        return reason or (None if problem is None else _problem_reason(config, problem))
     if config.arch != "sm90":
-        return f"KernelConfig is the sm90 config; use Sm80Config for {config.arch}"
+        other = "Sm100Config" if config.arch == "sm100" else "Sm80Config"
+        return f"KernelConfig is the sm90 config; use {other} for {config.arch}"
     reason = _tile_reason(config) or _cluster_reason(config)
     if reason:
         return reason
@@ -297,7 +414,7 @@ def _routing_reason(problem: LatentMoEProblem) -> str | None:
     return None
 
 
-def valid(config: KernelConfig | Sm80Config | RoutingConfig,
+def valid(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig,
           problem: LatentMoEProblem | None = None) -> bool:
     """True when :func:`invalid_reason` finds nothing."""
     return invalid_reason(config, problem) is None
@@ -321,14 +438,31 @@ _SM80_AXES = {
 }
 
 
+# Clusters (M, N): 2SM MMA needs an even cluster M, 1SM takes any of them.
+_SM100_AXES = {
+    "tile_m": (64, 128, 256),
+    "tile_n": (16, 32, 64, 128, 192, 256),
+    "tile_k": (64, 128),
+    "cluster": ((1, 1), (2, 1), (1, 2), (2, 2), (4, 1)),
+    "schedule": SM100_SCHEDULES,
+    "swap_ab": (False, True),
+}
+
+
 def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
-                 dtype: str = "bf16") -> list[KernelConfig] | list[Sm80Config]:
+                 dtype: str = "bf16") -> list[KernelConfig] | list[Sm80Config] | list[Sm100Config]:
     """Every valid config of ``arch`` (for ``problem`` if given), in a stable order."""
     get_arch(arch)
     out = []
     if arch in SM80_ARCHS:
         for (bm, bn), bk, (wm, wn), st in itertools.product(*_SM80_AXES.values()):
             c = Sm80Config(bm, bn, bk, wm, wn, st, "identity", dtype, arch)
+            if valid(c, problem):
+                out.append(c)
+        return out
+    if arch == "sm100":
+        for tm, tn, tk, (cm, cn), sched, swap in itertools.product(*_SM100_AXES.values()):
+            c = Sm100Config(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
             if valid(c, problem):
                 out.append(c)
         return out
@@ -339,8 +473,8 @@ def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
     return out
 
 
-def default_configs(arch: str = "sm90",
-                    dtype: str = "bf16") -> list[KernelConfig] | list[Sm80Config]:
+def default_configs(arch: str = "sm90", dtype: str = "bf16"
+                    ) -> list[KernelConfig] | list[Sm80Config] | list[Sm100Config]:
     """A small always-valid subset: prefill (large tiles), mid, and decode kernels."""
     get_arch(arch)
     if arch in SM80_ARCHS:
@@ -348,6 +482,13 @@ def default_configs(arch: str = "sm90",
         return [Sm80Config(64, 64, 32, 32, 32, 3, "identity", dtype, arch),
                 Sm80Config(128, 128, 32, 64, 64, 3, "identity", dtype, arch),
                 Sm80Config(128, 256, 32, 64, 64, 3, "identity", dtype, arch)]
+    if arch == "sm100":
+        # 2SM pairs for prefill (each CTA keeps a 128-row tile, B is fetched once per pair),
+        # a 1SM tile, and 1SM swap-AB for decode, where UMMA takes N down to 16.
+        return [Sm100Config(256, 256, 64, 2, 1, "2sm", False, "identity", dtype, arch),
+                Sm100Config(256, 128, 64, 2, 1, "2sm", False, "identity", dtype, arch),
+                Sm100Config(128, 128, 64, 1, 1, "1sm", False, "identity", dtype, arch),
+                Sm100Config(128, 32, 128, 1, 1, "1sm", True, "identity", dtype, arch)]
     return [
         KernelConfig(128, 256, 64, 1, 1, "cooperative", False, "identity", dtype, arch),
         KernelConfig(128, 128, 64, 2, 1, "cooperative", False, "identity", dtype, arch),
@@ -356,7 +497,7 @@ def default_configs(arch: str = "sm90",
     ]
 
 
-def space_hash(configs: list[KernelConfig] | list[Sm80Config]) -> str:
+def space_hash(configs: list[KernelConfig] | list[Sm80Config] | list[Sm100Config]) -> str:
     """Short hash of a search space; part of the tuning key."""
     blob = json.dumps([c.to_dict() for c in configs], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

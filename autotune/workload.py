@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .problem import LatentMoEProblem
-from .space import DEFAULT_ORDER, KernelConfig, TileOrder
+from .space import DEFAULT_ORDER, KernelConfig, Sm100Config, TileOrder
 
 STAGES = ("fc1", "up", "down", "fc2")
 GROUPED_STAGES = ("up", "down")
@@ -256,12 +256,29 @@ PLAN_FIELD = {"fc1": "router", "up": "up", "down": "down", "fc2": "fc2"}
 PLAN_INDEX = {"fc1": 0, "up": 1, "down": 2, "fc2": 3}
 
 
+def sm100_counterpart(config: KernelConfig) -> Sm100Config:
+    """The sm100 kernel that takes the place of an sm90 default ``config`` (same epilogue).
+
+    Ping-pong tiles (one tile per consumer, the decode and swap-AB tiers) become 1SM MMAs of the
+    same tile: UMMA takes those M and N extents on one CTA. Cooperative tiles become 2SM MMAs of
+    twice the rows over a cluster twice as tall, so each CTA of the pair still computes the sm90
+    tile while B is fetched once per pair.
+    """
+    if config.schedule == "cooperative":
+        return Sm100Config(2 * config.tile_m, config.tile_n, config.tile_k, 2 * config.cluster_m,
+                           config.cluster_n, "2sm", config.swap_ab, config.epilogue,
+                           config.dtype)
+    return Sm100Config(config.tile_m, config.tile_n, config.tile_k, config.cluster_m,
+                       config.cluster_n, "1sm", config.swap_ab, config.epilogue, config.dtype)
+
+
 def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
-                   arch: str = "sm90") -> KernelConfig:
+                   arch: str = "sm90") -> KernelConfig | Sm100Config:
     """The untuned config of ``stage`` at ``tokens`` tokens: the layer's own default.
 
     Taken from :func:`default_plan`, so "speedup over the default config" is
-    measured against what the layer runs when nothing is tuned.
+    measured against what the layer runs when nothing is tuned. On sm100 it is the
+    :func:`sm100_counterpart` of the sm90 default.
 
     Requirements
     ------------
@@ -273,16 +290,18 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
     config_dtype(problem)
     config = getattr(default_plan(problem, tokens), PLAN_FIELD[stage])
     epilogue = stage_epilogue(problem, stage)
+    if arch == "sm100":
+        return sm100_counterpart(config.with_epilogue(epilogue))
     if config.epilogue != epilogue or config.arch != arch:
         config = KernelConfig(**{**config.to_dict(), "epilogue": epilogue, "arch": arch})
     return config
 
 
 def default_tier_configs(problem: LatentMoEProblem, stage: str,
-                         arch: str = "sm90") -> list[KernelConfig]:
+                         arch: str = "sm90") -> list[KernelConfig | Sm100Config]:
     """Every config :func:`default_config` returns for ``stage`` over the token buckets (to
     build ahead of time)."""
-    seen: dict[str, KernelConfig] = {}
+    seen: dict[str, KernelConfig | Sm100Config] = {}
     for tokens in (*token_buckets(), 1 << 20):
         c = default_config(problem, stage, tokens, arch)
         seen.setdefault(c.name, c)

@@ -9,7 +9,7 @@ import pytest
 
 from autotune import build as build_mod
 from autotune.build import BuildError, build, build_key, find_nvcc, library_path, nvcc_flags
-from autotune.space import KernelConfig, Sm80Config
+from autotune.space import KernelConfig, Sm80Config, Sm100Config
 
 # The cheapest variant to compile: one small cooperative kernel without clusters.
 CHEAP = KernelConfig(128, 64, 64, 1, 1, "cooperative")
@@ -31,6 +31,10 @@ def test_flags_target_sm90a_and_find_cutlass():
     assert "-gencode=arch=compute_90a,code=sm_90a" in flags
     assert any(f.endswith("cutlass_library/source/include") for f in flags)
     assert any(f.endswith("tools/util/include") for f in flags)
+
+
+def test_flags_target_sm100a():
+    assert "-gencode=arch=compute_100a,code=sm_100a" in nvcc_flags("sm100")
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
@@ -67,6 +71,14 @@ def test_compile_error_is_captured_not_raised(cache, monkeypatch):
 
 
 @needs_nvcc
+def test_too_old_nvcc_fails_the_arch_without_running(cache, monkeypatch):
+    monkeypatch.setattr(build_mod, "nvcc_release", lambda nvcc: (12, 4))
+    monkeypatch.setattr(build_mod, "_compile", lambda *a: pytest.fail("nvcc must not run"))
+    (result,) = build([Sm100Config(128, 64, 64)], jobs=1)
+    assert result.status == "failed" and "sm100 kernels need nvcc 12.8 or newer" in result.log
+
+
+@needs_nvcc
 @pytest.mark.slow
 def test_real_compile_publishes_a_loadable_library(cache):
     """Really runs nvcc on the CUTLASS sm90a grouped GEMM, then loads the library."""
@@ -98,3 +110,18 @@ def test_real_compile_of_the_cutlass2_grouped_gemm(cache, arch):
     assert size(8, 108) > 0
     assert f"-gencode=arch=compute_{arch[2:]},code=[sm_{arch[2:]},compute_{arch[2:]}]" in \
         nvcc_flags(arch)
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_real_compile_of_the_sm100_grouped_gemm(cache):
+    """One real nvcc compile for sm100a (no Blackwell GPU here: compile-verified only)."""
+    config = Sm100Config(128, 64, 64, 1, 1, "1sm")
+    (result,) = build([config], jobs=1)
+    assert result.ok, result.log
+    lib = ctypes.CDLL(str(result.path))
+    for entry in ("workspace_size", "run", "run_dense", "last_error"):
+        assert hasattr(lib, f"{config.name}_{entry}")
+    size = getattr(lib, f"{config.name}_workspace_size")
+    size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int]
+    assert size(512, 148) > size(1, 148) > 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autotune.codegen import render, template_files, write_source
-from autotune.space import KernelConfig, Sm80Config
+from autotune.space import KernelConfig, Sm80Config, Sm100Config
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -16,6 +16,7 @@ GOLDEN = Path(__file__).parent / "golden"
     KernelConfig(128, 128, 64, 1, 2, "cooperative"),
     KernelConfig(128, 32, 128, 1, 1, "pingpong", True),
     Sm80Config(128, 128, 32, 64, 64, 3),
+    Sm100Config(256, 128, 64, 2, 1, "2sm"),
 ], ids=lambda c: c.name)
 def test_golden_render(config):
     assert render(config) == (GOLDEN / f"{config.name}.cu").read_text()
@@ -47,10 +48,31 @@ def test_write_if_different(tmp_path):
 def test_templates_found():
     names = {p.name for p in template_files()}
     assert {"sm90_grouped_gemm.cu.j2", "sm90_grouped_gemm.cuh", "sm80_grouped_gemm.cu.j2",
-            "sm80_grouped_gemm.cuh"} <= names
+            "sm80_grouped_gemm.cuh", "sm100_grouped_gemm.cu.j2", "sm100_grouped_gemm.cuh"} <= names
 
 
 def test_sm89_renders_the_sm80_template():
     text = render(Sm80Config(64, 64, 32, 32, 32, 3, arch="sm89"))
     assert "GroupedGemm<cutlass::bfloat16_t, 64, 64, 32,\n" in text
     assert "sm89_bf16_64x64x32_w32x32_s3_run(" in text
+
+
+def test_sm100_render_carries_every_choice():
+    text = render(Sm100Config(128, 16, 128, 2, 1, "2sm", True, "relu2", "fp16"))
+    assert '#include "sm100_grouped_gemm.cuh"' in text
+    assert "autotune::sm100::GroupedGemm<cutlass::half_t, 128, 16, 128,\n" in text
+    assert "2, 1, true,\n" in text and "true, 1>;" in text
+    assert "sm100_fp16_128x16x128_c2x1_2sm_swapab_relu2_run(" in text
+    text = render(Sm100Config(64, 16, 128, 1, 1, "1sm", False, "f32"))
+    assert "1, 1, false,\n" in text and "false, 2>;" in text
+    with pytest.raises(ValueError, match="2SM MMA pairs CTAs"):
+        render(Sm100Config(256, 128, 64, 1, 1, "2sm"))
+
+
+def test_sm100_exports_the_sm90_abi():
+    # Same extern "C" entry points and argument lists: runtime.py loads either library.
+    def entry_points(config):
+        text = render(config).replace(config.name, "NAME")
+        return text[text.index("AUTOTUNE_EXPORT"):].replace("sm100", "ARCH").replace("sm90", "ARCH")
+
+    assert entry_points(Sm100Config(128, 64, 64)) == entry_points(KernelConfig(128, 64, 64))

@@ -12,7 +12,9 @@ from autotune.space import (
     TILE_ORDERS,
     KernelConfig,
     Sm80Config,
+    Sm100Config,
     TileOrder,
+    _sm100_reason,
     default_configs,
     invalid_reason,
     search_space,
@@ -95,10 +97,8 @@ def test_defaults_are_valid_and_in_space():
 
 
 def test_unknown_arch_is_a_clear_error():
-    with pytest.raises(ValueError, match="supported: sm80, sm89, sm90"):
+    with pytest.raises(ValueError, match="supported: sm80, sm89, sm90, sm100"):
         search_space("sm70")
-    with pytest.raises(ValueError, match="no kernels are generated for sm100 yet"):
-        default_configs("sm100")
 
 
 @pytest.mark.parametrize("config,name", [
@@ -141,6 +141,103 @@ def test_tile_orders_round_trip_their_tags_and_abi():
     for bad in ("m3", "x1", "", "n", 4, "m1x"):
         with pytest.raises(ValueError, match="tile order"):
             TileOrder.from_tag(bad)
-    assert tile_orders("sm90") == TILE_ORDERS
+    assert tile_orders("sm90") == tile_orders("sm100") == TILE_ORDERS
     # CUTLASS 2.x compiles its threadblock swizzle in: the default order only.
     assert tile_orders("sm80") == tile_orders("sm89") == (DEFAULT_ORDER,)
+
+
+@pytest.mark.parametrize("config,name", [
+    (Sm100Config(256, 256, 64, 2, 1, "2sm"), "sm100_bf16_256x256x64_c2x1_2sm"),
+    (Sm100Config(128, 128, 64), "sm100_bf16_128x128x64_c1x1_1sm"),
+    (Sm100Config(128, 32, 128, 1, 1, "1sm", True), "sm100_bf16_128x32x128_c1x1_1sm_swapab"),
+    (Sm100Config(256, 128, 64, 2, 1, "2sm", epilogue="f32", dtype="fp16"),
+     "sm100_fp16_256x128x64_c2x1_2sm_f32"),
+    (Sm100Config(128, 16, 128, 1, 1, "1sm", True).with_epilogue("relu2"),
+     "sm100_bf16_128x16x128_c1x1_1sm_swapab_relu2"),
+])
+def test_sm100_golden_names(config, name):
+    assert config.name == name
+    assert Sm100Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("config,fragment", [
+    (Sm100Config(256, 128, 64), "1SM MMA needs tile M of 64 or 128"),
+    (Sm100Config(64, 128, 64, 2, 1, "2sm"), "2SM MMA needs tile M of 128 or 256"),
+    (Sm100Config(256, 128, 64, 1, 1, "2sm"), "cluster M, which must be even"),
+    (Sm100Config(256, 128, 64, 1, 2, "2sm"), "cluster M, which must be even"),
+    (Sm100Config(128, 8, 64), "tile N must be a multiple of 16"),
+    (Sm100Config(128, 24, 64), "tile N must be a multiple of 16"),
+    (Sm100Config(128, 272, 64), "tile N must be a multiple of 16"),
+    (Sm100Config(128, 128, 48), "tile K"),
+    (Sm100Config(128, 128, 64, 4, 4), "cluster size 16 exceeds"),
+    (Sm100Config(128, 128, 64, 3, 1), "cluster M must be"),
+    (Sm100Config(128, 16, 64, 4, 1, "2sm"), "tile N 16 does not split"),
+    (Sm100Config(128, 128, 64, schedule="cooperative"), "schedule"),
+    (Sm100Config(128, 128, 64, epilogue="gelu"), "epilogue"),
+    (Sm100Config(128, 128, 64, arch="sm90"), "Sm100Config is for sm100, not sm90"),
+    (KernelConfig(128, 128, 64, arch="sm100"), "use Sm100Config for sm100"),
+])
+def test_sm100_predicate_rejects_with_reason(config, fragment):
+    reason = invalid_reason(config)
+    assert reason is not None and fragment in reason
+    assert not valid(config)
+
+
+@pytest.mark.parametrize("config", [
+    Sm100Config(64, 16, 128, 1, 1, "1sm", True), Sm100Config(128, 256, 128),
+    Sm100Config(128, 16, 128, 2, 1, "2sm", True), Sm100Config(256, 256, 128, 2, 1, "2sm"),
+    Sm100Config(128, 32, 64, 4, 1, "2sm"), Sm100Config(128, 64, 64, 2, 2),
+    Sm100Config(256, 16, 64, 2, 2, "2sm", True, "f32"),
+])
+def test_sm100_predicate_accepts(config):
+    assert invalid_reason(config) is None
+
+
+def test_sm100_shared_memory_counts_half_a_pair_per_cta():
+    # 128x256x128 1SM stages 96 KiB per CTA, a 2SM 256x256x128 pair 64 KiB per CTA: both fit
+    # B200's 227 KiB twice over with the epilogue, and a 170 KiB budget tells them apart.
+    one, two = Sm100Config(128, 256, 128), Sm100Config(256, 256, 128, 2, 1, "2sm")
+    assert valid(one) and valid(two)
+    assert "230400 B of shared memory" in _sm100_reason(one, 170 * 1024)
+    assert _sm100_reason(two, 170 * 1024) is None
+
+
+def test_sm100_space_defaults_and_problem():
+    space = search_space("sm100", PRESETS["nemotron-3-super"])
+    names = [c.name for c in space]
+    assert len(names) == len(set(names)) == 368
+    assert all(isinstance(c, Sm100Config) and valid(c) for c in space)
+    assert {c.schedule for c in space} == {"1sm", "2sm"} and any(c.swap_ab for c in space)
+    assert all(c.cluster_m % 2 == 0 for c in space if c.schedule == "2sm")
+    assert space_hash(space) == space_hash(search_space("sm100", PRESETS["nemotron-3-super"]))
+    assert [c.name for c in default_configs("sm100")] == [
+        "sm100_bf16_256x256x64_c2x1_2sm", "sm100_bf16_256x128x64_c2x1_2sm",
+        "sm100_bf16_128x128x64_c1x1_1sm", "sm100_bf16_128x32x128_c1x1_1sm_swapab"]
+    assert set(default_configs("sm100")) <= set(search_space("sm100"))
+    c = Sm100Config(128, 128, 64)
+    assert "multiple of 8" in invalid_reason(c, LatentMoEProblem(2880, 770, 1536, 96, 6))
+    fp16 = LatentMoEProblem(2880, 768, 1536, 96, 6, dtype="float16")
+    assert "dtype" in invalid_reason(c, fp16)
+    assert invalid_reason(Sm100Config(128, 128, 64, dtype="fp16"), fp16) is None
+
+
+def test_sm90_space_is_unchanged_by_sm100():
+    # The sm90 space hash is part of the shipped tuned tables' keys.
+    assert len(search_space("sm90")) == 276
+    assert space_hash(search_space("sm90")) == "171e5f108c25c1f2"
+
+
+def test_sm100_stage_defaults_are_valid_tuning_candidates():
+    from autotune.tune import select_candidates
+    from autotune.workload import default_config, default_tier_configs, stages_of
+
+    for problem in PRESETS.values():
+        for stage in stages_of(problem):
+            for c in default_tier_configs(problem, stage, "sm100"):
+                assert isinstance(c, Sm100Config) and invalid_reason(c, problem) is None
+    sup = PRESETS["nemotron-3-super"]
+    # Cooperative sm90 tiers become 2SM pairs, ping-pong/swap-AB tiers 1SM MMAs of the same tile.
+    assert default_config(sup, "up", 8192, "sm100").name == "sm100_bf16_256x256x64_c2x1_2sm_relu2"
+    assert default_config(sup, "fc1", 1, "sm100").name == "sm100_bf16_64x16x128_c1x1_1sm_swapab_f32"
+    cands = select_candidates(sup, "sm100")
+    assert len(cands) == 12 and all(valid(c, sup) and c.epilogue == "identity" for c in cands)
