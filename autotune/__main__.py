@@ -112,6 +112,8 @@ def _compile(args, arch, problem) -> int:
 
     from .build import build
     from .codegen import write_source
+    from .space import RoutingConfig
+    from .workload import config_dtype
 
     space, chosen = _selected_configs(args, arch, problem)
     if not space:
@@ -122,6 +124,10 @@ def _compile(args, arch, problem) -> int:
     print(f"rendered {len(space)} {arch} configs into the generated sources folder")
     if args.render_only:
         return 0
+    if arch == "sm90" and not args.configs:
+        # The fused forward's routing kernels: a prebuilt cache then serves the layer's first
+        # forward without nvcc.
+        chosen = [*chosen, RoutingConfig(config_dtype(problem), arch)]
     bar = tqdm(total=len(chosen), desc=f"compile {arch}", unit="kernel", file=sys.stderr)
     start = time.monotonic()
     results = build(chosen, jobs=args.jobs, on_done=lambda r: bar.update(1))

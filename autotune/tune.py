@@ -68,6 +68,7 @@ from .problem import LatentMoEProblem
 from .space import (
     DEFAULT_ORDER,
     KernelConfig,
+    RoutingConfig,
     TileOrder,
     default_configs,
     invalid_reason,
@@ -1434,15 +1435,25 @@ class GpuEvaluator:
     def prepare(self, configs: Sequence[KernelConfig], jobs: int | None = None,
                 on_done: Callable[[str, str | None], None] | None = None
                 ) -> dict[str, str | None]:
-        """Build every config (cached ones are reused); name -> None or the compile log."""
+        """Build every config (cached ones are reused); name -> None or the compile log.
+
+        The routing library of the problem's dtype is built in the same pool: the layer needs
+        it beside the tuned GEMMs, so a tuned cache serves the first forward without nvcc."""
         from .build import build
 
+        names = {c.name for c in configs}
+
         def report(r) -> None:
-            if on_done is not None:
+            if on_done is not None and r.config.name in names:
                 on_done(r.config.name, None if r.ok else (r.log or r.status))
 
-        results = build(list(configs), jobs=jobs, on_done=report)
-        return {r.config.name: None if r.ok else (r.log or "build failed") for r in results}
+        routing = RoutingConfig(config_dtype(self.problem), self.arch)
+        results = build([*configs, routing], jobs=jobs, on_done=report)
+        if not results[-1].ok:
+            log.warning("building %s failed; the layer will retry on first use:\n%s",
+                        routing.name, results[-1].log or results[-1].status)
+        return {r.config.name: None if r.ok else (r.log or "build failed")
+                for r in results if r.config.name in names}
 
     def evaluate(self, config: KernelConfig, stage: str, tokens: int,
                  order: TileOrder = DEFAULT_ORDER) -> Measurement | Failure:

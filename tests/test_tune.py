@@ -847,3 +847,26 @@ def test_gpu_turn_excludes_other_processes(tmp_path, monkeypatch):
         held = subprocess.run([sys.executable, "-c", probe, str(lock)], timeout=60)
     free = subprocess.run([sys.executable, "-c", probe, str(lock)], timeout=60)
     assert (held.returncode, free.returncode) == (7, 0)
+
+
+def test_gpu_evaluator_builds_the_routing_library_beside_the_candidates(monkeypatch):
+    """A tuned cache also holds the routing kernels, so the layer's first forward needs no
+    nvcc; the tuner's accounting sees only its candidates."""
+    import autotune.build as build_mod
+
+    seen = []
+
+    def fake_build(configs, jobs=None, on_done=None):
+        seen.extend(c.name for c in configs)
+        out = [build_mod.BuildResult(c, "cached", 0.0, None) for c in configs]
+        for r in out:
+            on_done and on_done(r)
+        return out
+
+    monkeypatch.setattr(build_mod, "build", fake_build)
+    candidates = [KernelConfig(128, 128, 64), KernelConfig(64, 16, 128, schedule="pingpong",
+                                                           swap_ab=True)]
+    done = []
+    errors = tune.GpuEvaluator(PROBLEM).prepare(candidates, on_done=lambda n, e: done.append(n))
+    assert seen[-1] == "sm90_bf16_moe_routing" and seen[:-1] == [c.name for c in candidates]
+    assert set(errors) == set(done) == {c.name for c in candidates}
