@@ -94,46 +94,17 @@ struct GroupArgs {
   }
 };
 
-template <class Element_, int TileM, int TileN, int TileK, int ClusterM, int ClusterN,
-          bool Cooperative, bool SwapAB, int Epilogue>
-struct GroupedGemm
-    : GroupedGemmEntry<GroupedGemm<Element_, TileM, TileN, TileK, ClusterM, ClusterN, Cooperative,
-                                   SwapAB, Epilogue>> {
-  using Element = Element_;
-  using ElementD = typename EpilogueOf<Epilogue, Element>::ElementD;
-  static constexpr bool kSwapAB = SwapAB;
-  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = cutlass::layout::ColumnMajor;  // B_g stored [N, K] row-major is K x N column-major
-  using LayoutD = std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
-  static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;
-  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Int<TileK>>;
-  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
-  using KernelSchedule =
-      std::conditional_t<Cooperative, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>;
-  using EpilogueSchedule =
-      std::conditional_t<Cooperative, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-                         cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
-
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, LayoutD*, kAlignmentD,  // no C operand
-      ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
-      typename EpilogueOf<Epilogue, Element>::Fusion>::CollectiveOp;
-
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
-      LayoutB*, kAlignment, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
-
-  using GemmKernel =
-      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+// The host side of a CUTLASS 3.x ptr-array grouped GEMM, whatever issues the MMA (sm90 wgmma
+// here, sm100 tcgen05 in sm100_grouped_gemm.cuh): per-group argument arrays carved from the
+// caller's workspace, the CUTLASS arguments with the tile order, the workspace query and the
+// launch. Kernel supplies Element, ElementD, kSwapAB, ProblemShape, GemmKernel and Gemm.
+template <class Kernel>
+struct PtrArrayGemm : Kernel, GroupedGemmEntry<PtrArrayGemm<Kernel>> {
+  using typename Kernel::Element;
+  using typename Kernel::ElementD;
+  using typename Kernel::ProblemShape;
+  using typename Kernel::GemmKernel;
+  using typename Kernel::Gemm;
   using StrideA = typename GemmKernel::InternalStrideA;
   using StrideB = typename GemmKernel::InternalStrideB;
   using StrideC = typename GemmKernel::InternalStrideC;
@@ -161,7 +132,7 @@ struct GroupedGemm
     return l;
   }
 
-  static GroupArgs<GroupedGemm> group_args(uint8_t* ws, const Layout& l) {
+  static GroupArgs<PtrArrayGemm> group_args(uint8_t* ws, const Layout& l) {
     return {reinterpret_cast<Shape3*>(ws + l.shapes), reinterpret_cast<StrideA*>(ws + l.stride_a),
             reinterpret_cast<StrideB*>(ws + l.stride_b), reinterpret_cast<StrideD*>(ws + l.stride_d),
             reinterpret_cast<const Element**>(ws + l.ptr_a),
@@ -245,5 +216,59 @@ struct GroupedGemm
     return kOk;
   }
 };
+
+// The CUTLASS 3.x types of one ptr-array variant. ArchTag and the two schedules pick the MMA
+// (sm90 wgmma cooperative / ping-pong here, sm100 tcgen05 1SM / 2SM in sm100_grouped_gemm.cuh);
+// the GEMM, its layouts and epilogues are the same on both.
+template <class ArchTag, class KernelSchedule, class EpilogueSchedule, class Element_, int TileM,
+          int TileN, int TileK, int ClusterM, int ClusterN, bool SwapAB, int Epilogue>
+struct PtrArrayKernel {
+  using Element = Element_;
+  using ElementD = typename EpilogueOf<Epilogue, Element>::ElementD;
+  static constexpr bool kSwapAB = SwapAB;
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;  // B_g stored [N, K] row-major is K x N column-major
+  using LayoutD = std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+  static constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;
+  using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::Int<TileK>>;
+  // A static cluster shape: the TMA multicast choice is made at compile time, and no runtime
+  // (preferred / fallback) cluster shapes are needed at launch.
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      ArchTag, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutD*, kAlignmentD,  // no C operand
+      ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
+      typename EpilogueOf<Epilogue, Element>::Fusion>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      ArchTag, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
+      LayoutB*, kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using GemmKernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+};
+
+template <class Element, int TileM, int TileN, int TileK, int ClusterM, int ClusterN,
+          bool Cooperative, bool SwapAB, int Epilogue>
+using Sm90Kernel = PtrArrayKernel<
+    cutlass::arch::Sm90,
+    std::conditional_t<Cooperative, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+                       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>,
+    std::conditional_t<Cooperative, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>,
+    Element, TileM, TileN, TileK, ClusterM, ClusterN, SwapAB, Epilogue>;
+
+template <class Element, int TileM, int TileN, int TileK, int ClusterM, int ClusterN,
+          bool Cooperative, bool SwapAB, int Epilogue>
+using GroupedGemm = PtrArrayGemm<Sm90Kernel<Element, TileM, TileN, TileK, ClusterM, ClusterN,
+                                            Cooperative, SwapAB, Epilogue>>;
 
 }  // namespace autotune::sm90
