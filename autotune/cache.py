@@ -35,6 +35,7 @@ from .space import (
     DEFAULT_ORDER,
     KernelConfig,
     TileOrder,
+    config_from_dict,
     invalid_reason,
     search_space,
     space_hash,
@@ -341,7 +342,7 @@ class TunedTable:
             return default, DEFAULT_ORDER
         entry = self.entries[stage][bucket_for(tokens, buckets)]
         try:
-            config = KernelConfig.from_dict(entry.winner.config)
+            config = config_from_dict(entry.winner.config)
             reason = invalid_reason(config, self.problem)
         except (TypeError, ValueError) as e:
             reason = f"unreadable config: {e}"

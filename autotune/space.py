@@ -414,6 +414,21 @@ def _routing_reason(problem: LatentMoEProblem) -> str | None:
     return None
 
 
+def config_from_dict(d: dict) -> KernelConfig | Sm80Config | Sm100Config:
+    """The config a ``to_dict()`` came from, its class picked by the "arch" field (a table or
+    a trial stores configs of any architecture this way).
+
+    Requirements
+    ------------
+    ``d`` holds the fields of one config class (``TypeError`` otherwise).
+    """
+    if not isinstance(d, dict):
+        raise TypeError(f"a config is a dict of its fields, got {type(d).__name__}")
+    arch = d.get("arch", "sm90")
+    cls = {"sm100": Sm100Config, "sm80": Sm80Config, "sm89": Sm80Config}.get(arch, KernelConfig)
+    return cls.from_dict(d)
+
+
 def valid(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig,
           problem: LatentMoEProblem | None = None) -> bool:
     """True when :func:`invalid_reason` finds nothing."""

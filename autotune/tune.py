@@ -52,6 +52,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from . import env
+from .arch import get_arch, supported_archs
 from .cache import (
     TIMING_METHOD,
     BucketEntry,
@@ -259,11 +260,12 @@ class StageSpace:
         return name
 
     def _from_axes(self, params: Mapping[str, Any]) -> KernelConfig:
+        # The candidates' own class: sm100's Sm100Config has the same fields as KernelConfig.
         first = self.configs[0]
         cm, cn = (int(v) for v in str(params["cluster"]).split("x"))
-        return KernelConfig(int(params["tile_m"]), int(params["tile_n"]), int(params["tile_k"]),
-                            cm, cn, str(params["schedule"]), bool(params["swap_ab"]),
-                            self.epilogue, first.dtype, first.arch)
+        return type(first)(int(params["tile_m"]), int(params["tile_n"]), int(params["tile_k"]),
+                           cm, cn, str(params["schedule"]), bool(params["swap_ab"]),
+                           self.epilogue, first.dtype, first.arch)
 
     def decode(self, trial: optuna.trial.BaseTrial) -> tuple[KernelConfig | str, dict]:
         """Suggest a point; returns (config, runtime args) or (reason it is rejected, {})."""
@@ -1146,6 +1148,10 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
     """
     start = time.monotonic()
     stages, buckets = _check_args(problem, stages, buckets, trials, time_budget, jobs, routing)
+    if not get_arch(arch).tunable:
+        tunable = ", ".join(a for a in supported_archs() if get_arch(a).tunable)
+        raise ValueError(f"arch: the tuner covers {tunable}; {arch} kernels compile only "
+                         f"(`python -m autotune --arch {arch} --compile-only`)")
     spaces = stage_spaces(problem, arch, stages, max_configs, configs)
     evaluator = evaluator if evaluator is not None else GpuEvaluator(problem, arch,
                                                                      routing=routing)
@@ -1437,8 +1443,9 @@ class GpuEvaluator:
                 ) -> dict[str, str | None]:
         """Build every config (cached ones are reused); name -> None or the compile log.
 
-        The routing library of the problem's dtype is built in the same pool: the layer needs
-        it beside the tuned GEMMs, so a tuned cache serves the first forward without nvcc."""
+        On sm90 the routing library of the problem's dtype is built in the same pool: the
+        layer needs it beside the tuned GEMMs, so a tuned cache serves the first forward without
+        nvcc."""
         from .build import build
 
         names = {c.name for c in configs}
@@ -1447,11 +1454,12 @@ class GpuEvaluator:
             if on_done is not None and r.config.name in names:
                 on_done(r.config.name, None if r.ok else (r.log or r.status))
 
-        routing = RoutingConfig(config_dtype(self.problem), self.arch)
-        results = build([*configs, routing], jobs=jobs, on_done=report)
-        if not results[-1].ok:
+        # Only sm90 has the fused forward that uses the routing library.
+        routing = [RoutingConfig(config_dtype(self.problem), self.arch)] * (self.arch == "sm90")
+        results = build([*configs, *routing], jobs=jobs, on_done=report)
+        if routing and not results[-1].ok:
             log.warning("building %s failed; the layer will retry on first use:\n%s",
-                        routing.name, results[-1].log or results[-1].status)
+                        routing[0].name, results[-1].log or results[-1].status)
         return {r.config.name: None if r.ok else (r.log or "build failed")
                 for r in results if r.config.name in names}
 

@@ -68,3 +68,30 @@ def test_compiles_a_config_and_says_timing_needs_the_gpu(cache, capsys):
     assert "1/1 built or cached" in out
     assert "Timing needs an sm90 GPU" in out
     assert list((cache / "cache" / "kernels" / "sm90").glob(f"{name}-*.so"))
+
+
+def test_on_an_sm100_gpu_the_command_tunes(cache, capsys, monkeypatch):
+    """With an sm100 device present, `--arch sm100` runs the tuner (a stand-in times here)."""
+    from test_tune import StandIn
+
+    import autotune.__main__ as cli
+    from autotune import tune
+
+    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm100")
+    monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
+    assert main(["--arch", "sm100", *TINY, "--tokens", "4,256", "--trials", "3",
+                 "--max-configs", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "sm100_bf16_" in out and "table:" in out and "not implemented" not in out
+    (table,) = (cache / "cache" / "tuned").glob("*__sm100__*.json")
+    assert '"arch": "sm100"' in table.read_text()
+
+
+def test_on_an_sm80_gpu_the_command_compiles_and_says_tuning_is_not_there(cache, capsys,
+                                                                          monkeypatch):
+    import autotune.__main__ as cli
+
+    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm80")
+    monkeypatch.setattr(cli, "_compile", lambda *a: 0)
+    assert main(["--arch", "sm80", *TINY]) == 0
+    assert "Tuning on sm80 is not implemented yet" in capsys.readouterr().out

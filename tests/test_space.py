@@ -15,6 +15,7 @@ from autotune.space import (
     Sm100Config,
     TileOrder,
     _sm100_reason,
+    config_from_dict,
     default_configs,
     invalid_reason,
     search_space,
@@ -241,3 +242,13 @@ def test_sm100_stage_defaults_are_valid_tuning_candidates():
     assert default_config(sup, "fc1", 1, "sm100").name == "sm100_bf16_64x16x128_c1x1_1sm_swapab_f32"
     cands = select_candidates(sup, "sm100")
     assert len(cands) == 12 and all(valid(c, sup) and c.epilogue == "identity" for c in cands)
+
+
+def test_config_from_dict_picks_the_class_by_arch():
+    for config in (KernelConfig(128, 128, 64, epilogue="relu2"),
+                   Sm100Config(256, 128, 64, 2, 1, "2sm", epilogue="f32"),
+                   Sm80Config(128, 128, 32, 64, 64, 3),
+                   Sm80Config(128, 128, 32, 64, 64, 3, arch="sm89")):
+        assert config_from_dict(config.to_dict()) == config
+    with pytest.raises(TypeError):
+        config_from_dict({"arch": "sm100", "tile_m": 128})

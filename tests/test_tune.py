@@ -31,6 +31,7 @@ from autotune.space import (
     DEFAULT_ORDER,
     TILE_ORDERS,
     KernelConfig,
+    Sm100Config,
     TileOrder,
     invalid_reason,
     valid,
@@ -870,3 +871,39 @@ def test_gpu_evaluator_builds_the_routing_library_beside_the_candidates(monkeypa
     errors = tune.GpuEvaluator(PROBLEM).prepare(candidates, on_done=lambda n, e: done.append(n))
     assert seen[-1] == "sm90_bf16_moe_routing" and seen[:-1] == [c.name for c in candidates]
     assert set(errors) == set(done) == {c.name for c in candidates}
+
+
+def test_sm100_configs_are_tuned_and_looked_up_like_sm90():
+    """The tuner takes sm100's Sm100Config (same axes as sm90's) through config and tile-order
+    studies, and the table gives them back as Sm100Config."""
+    ev = StandIn()
+    report = run_tuning(PROBLEM, "sm100", stages=["up", "fc1"], buckets=[4, 1024], trials=6,
+                        evaluator=ev, progress=False, max_configs=8)
+    assert {c.split("_")[0] for c, *_ in ev.calls} == {"sm100"}
+    assert all(r.winner.name.startswith("sm100_") for r in report.results)
+    assert ev.orders, "no tile-order study ran on sm100"
+    table = read_table(report.table_path)
+    assert table.arch == "sm100"
+    config = table.config_for("fc1", 1000)
+    assert isinstance(config, Sm100Config) and config.epilogue == "f32"
+    assert config.name == report.result("fc1", 1024).winner.name
+
+
+def test_gpu_evaluator_on_sm100_builds_no_routing_library(monkeypatch):
+    import autotune.build as build_mod
+
+    seen = []
+
+    def fake_build(configs, jobs=None, on_done=None):
+        seen.extend(c.name for c in configs)
+        return [build_mod.BuildResult(c, "cached", 0.0, None) for c in configs]
+
+    monkeypatch.setattr(build_mod, "build", fake_build)
+    config = Sm100Config(128, 128, 64)
+    assert tune.GpuEvaluator(PROBLEM, "sm100").prepare([config]) == {config.name: None}
+    assert seen == [config.name]
+
+
+def test_tuning_an_arch_without_a_tuner_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"tuner covers sm90, sm100; sm80 kernels compile only"):
+        run_tuning(PROBLEM, "sm80", evaluator=StandIn(), progress=False)
