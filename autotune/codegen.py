@@ -19,7 +19,7 @@ _ELEMENT = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _CUDA_ELEMENT = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 _TEMPLATE = {"sm90": "sm90_grouped_gemm.cu.j2", "sm80": "sm80_grouped_gemm.cu.j2",
              "sm89": "sm80_grouped_gemm.cu.j2", "sm100": "sm100_grouped_gemm.cu.j2"}
-# Must match enum EpilogueKind in templates/sm90_grouped_gemm.cuh (sm100 shares it).
+# Must match enum EpilogueKind in templates/epilogues.cuh (every generation shares it).
 _EPILOGUE_KIND = {"identity": "0", "relu2": "1", "f32": "2"}
 
 
@@ -47,6 +47,7 @@ def context(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> 
         return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
     if isinstance(config, Sm80Config):
         return {"name": config.name, "element": _ELEMENT[config.dtype],
+                "epilogue": _EPILOGUE_KIND[config.epilogue],
                 **{k: str(getattr(config, k))
                    for k in ("tb_m", "tb_n", "tb_k", "warp_m", "warp_n", "stages")}}
     common = {

@@ -139,7 +139,8 @@ class RoutingConfig:
 class Sm80Config:
     """One sm80/sm89 CUTLASS 2.x grouped-GEMM variant: threadblock tile, warp tile, stages.
 
-    Same GEMM and C ABI as :class:`KernelConfig` (``D_g = A_g @ B_g^T``, row-major); the warp
+    Same GEMM, C ABI and epilogues as :class:`KernelConfig` (``D_g = A_g @ B_g^T``, row-major;
+    relu2 through CUTLASS 2.x's LinearCombinationGeneric, fp32 D for the router logits); the warp
     tile's K equals the threadblock's, and the tensor-core instruction is Ampere's 16x8x16.
     """
 
@@ -155,11 +156,15 @@ class Sm80Config:
 
     @property
     def name(self) -> str:
+        epi = "" if self.epilogue == "identity" else f"_{self.epilogue}"
         return (f"{self.arch}_{self.dtype}_{self.tb_m}x{self.tb_n}x{self.tb_k}"
-                f"_w{self.warp_m}x{self.warp_n}_s{self.stages}")
+                f"_w{self.warp_m}x{self.warp_n}_s{self.stages}{epi}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_epilogue(self, epilogue: str) -> Sm80Config:
+        return replace(self, epilogue=epilogue)
 
     @classmethod
     def from_dict(cls, d: dict) -> Sm80Config:
@@ -174,8 +179,8 @@ def _sm80_reason(c: Sm80Config, smem_per_block: int) -> str | None:
         return f"Sm80Config is for {', '.join(SM80_ARCHS)}, not {c.arch}"
     if c.dtype not in DTYPES:
         return f"dtype {c.dtype!r} not in {DTYPES}"
-    if c.epilogue != "identity":
-        return f"epilogue {c.epilogue!r}: the sm80 kernels have the identity epilogue only"
+    if c.epilogue not in EPILOGUES:
+        return f"epilogue {c.epilogue!r} not in {EPILOGUES}"
     if c.tb_m not in (32, 64, 128, 256) or c.tb_n not in (32, 64, 128, 256):
         return f"threadblock tile {c.tb_m}x{c.tb_n} must use 32, 64, 128 or 256"
     if c.tb_k not in (32, 64):

@@ -10,21 +10,44 @@
 
 #include <cstdint>
 
+#include "epilogues.cuh"
 #include "grouped_gemm_common.cuh"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/epilogue/thread/linear_combination_generic.h"
 #include "cutlass/gemm/device/gemm_grouped.h"
 #include "cutlass/gemm/gemm.h"
 #include "cutlass/gemm/kernel/default_gemm_grouped.h"
 
 namespace autotune::sm80 {
 
+// The epilogue of each kind as a CUTLASS 2.x thread-level operator on 128-bit vectors of D.
+template <int Kind, class Element>
+struct EpilogueOf {  // D = acc, stored in Element
+  using ElementD = Element;
+  using Op = cutlass::epilogue::thread::LinearCombination<
+      Element, 128 / cutlass::sizeof_bits<Element>::value, float, float>;
+};
+
+template <class Element>
+struct EpilogueOf<kRelu2, Element> {  // D = relu(acc)^2, stored in Element
+  using ElementD = Element;
+  using Op = cutlass::epilogue::thread::LinearCombinationGeneric<
+      Relu2, Element, 128 / cutlass::sizeof_bits<Element>::value, float, float>;
+};
+
+template <class Element>
+struct EpilogueOf<kFloat32Out, Element> {  // D = acc, stored in fp32 (router logits)
+  using ElementD = float;
+  using Op = cutlass::epilogue::thread::LinearCombination<float, 4, float, float>;
+};
+
 template <class G>
 struct GroupArgs {
   cutlass::gemm::GemmCoord* sizes;
   int64_t *lda, *ldb, *ldd;
   typename G::Element **a, **b;
-  typename G::Element** d;
+  typename G::ElementD** d;
 
   __device__ void set(int g, int m, int n, int k, const void* pa, const void* pb, void* pd) {
     using Element = typename G::Element;
@@ -34,20 +57,23 @@ struct GroupArgs {
     ldd[g] = n;  // D [M, N] row-major
     a[g] = const_cast<Element*>(static_cast<const Element*>(pa));
     b[g] = const_cast<Element*>(static_cast<const Element*>(pb));
-    d[g] = static_cast<Element*>(pd);
+    d[g] = static_cast<typename G::ElementD*>(pd);
   }
 };
 
-template <class Element_, int TbM, int TbN, int TbK, int WarpM, int WarpN, int Stages>
-struct GroupedGemm : GroupedGemmEntry<GroupedGemm<Element_, TbM, TbN, TbK, WarpM, WarpN, Stages>> {
+template <class Element_, int TbM, int TbN, int TbK, int WarpM, int WarpN, int Stages, int Kind>
+struct GroupedGemm
+    : GroupedGemmEntry<GroupedGemm<Element_, TbM, TbN, TbK, WarpM, WarpN, Stages, Kind>> {
   using Element = Element_;
+  using ElementD = typename EpilogueOf<Kind, Element>::ElementD;
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
   // Ampere's bf16/fp16 tensor-core instruction; Ada runs the same code.
   using Instruction = cutlass::gemm::GemmShape<16, 8, 16>;
-  using Epilogue = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+  using Epilogue = typename EpilogueOf<Kind, Element>::Op;
+  // C has D's type: beta is 0 and D stands in for C (C is never read).
   using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
       Element, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlignment, Element,
-      cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignment, Element,
+      cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlignment, ElementD,
       cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
       cutlass::gemm::GemmShape<TbM, TbN, TbK>, cutlass::gemm::GemmShape<WarpM, WarpN, TbK>,
       Instruction, Epilogue, cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,
@@ -77,7 +103,7 @@ struct GroupedGemm : GroupedGemmEntry<GroupedGemm<Element_, TbM, TbN, TbK, WarpM
     return {reinterpret_cast<cutlass::gemm::GemmCoord*>(ws + l.sizes),
             reinterpret_cast<int64_t*>(ws + l.lda), reinterpret_cast<int64_t*>(ws + l.ldb),
             reinterpret_cast<int64_t*>(ws + l.ldd), reinterpret_cast<Element**>(ws + l.a),
-            reinterpret_cast<Element**>(ws + l.b), reinterpret_cast<Element**>(ws + l.d)};
+            reinterpret_cast<Element**>(ws + l.b), reinterpret_cast<ElementD**>(ws + l.d)};
   }
 
   // The kDeviceOnly scheduler needs no workspace of its own beyond the argument arrays.

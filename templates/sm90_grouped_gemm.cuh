@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "cute/tensor.hpp"
+#include "epilogues.cuh"
 #include "grouped_gemm_common.cuh"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -23,32 +24,6 @@
 #include "cutlass/util/packed_stride.hpp"
 
 namespace autotune::sm90 {
-
-// relu(x)^2 of Nemotron 3's non-gated experts, applied to the fp32 accumulator in the epilogue.
-// NaN propagates (NaN < 0 is false), as torch.relu does.
-template <class T>
-struct Relu2 {
-  static const bool kIsHeavy = false;
-  CUTLASS_HOST_DEVICE T operator()(T const& v) const {
-    T r = v < T(0) ? T(0) : v;
-    return r * r;
-  }
-};
-
-template <class T, int N>
-struct Relu2<cutlass::Array<T, N>> {
-  static const bool kIsHeavy = false;
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& frag) const {
-    cutlass::Array<T, N> out;
-    Relu2<T> op;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = op(frag[i]);
-    return out;
-  }
-};
-
-// Epilogue kinds, numbered as autotune/codegen.py writes them.
-enum EpilogueKind : int { kIdentity = 0, kRelu2 = 1, kFloat32Out = 2 };
 
 template <int Kind, class Element>
 struct EpilogueOf {  // D = acc, stored in Element

@@ -29,6 +29,12 @@ def test_render_carries_every_choice():
     assert "sm90_fp16_64x16x128_c2x1_pp_swapab_run(" in text
 
 
+def test_sm80_render_carries_the_epilogue_kind():
+    for epilogue, kind in (("identity", 0), ("relu2", 1), ("f32", 2)):
+        text = render(Sm80Config(128, 128, 32, 64, 64, 3, epilogue=epilogue))
+        assert f"64, 64, 3,\n{' ' * 43}{kind}>;" in text
+
+
 def test_render_rejects_invalid_config():
     with pytest.raises(ValueError, match="cooperative needs tile M"):
         render(KernelConfig(64, 128, 64, schedule="cooperative"))

@@ -118,3 +118,29 @@ def test_sm80_kernels_refuse_a_runtime_tile_order(kernels):
     a, b, offs = _groups([8, 8], 64, 64, "cuda", gen)
     with pytest.raises(KernelError, match="raster 0 and swizzle 1"):
         kernels[config.name].grouped_mm(a, b, offs, order=TileOrder("n", 2))
+
+
+# Each epilogue kind on one sm90 and one sm80 tile (the sm80 one through its PTX).
+EPILOGUE_CONFIGS = [c.with_epilogue(e) for c in (SM90[0], default_configs("sm80")[0])
+                    for e in ("relu2", "f32")]
+
+
+@pytest.mark.parametrize("config", EPILOGUE_CONFIGS, ids=lambda c: c.name)
+def test_epilogues_match_torch(config):
+    from autotune.runtime import load
+
+    kernel = load(config)  # compiled into the cache on first use
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    sizes, n, k = [5, 0, 130, 1, 64, 257], 256, 192
+    a, b, offs = _groups(sizes, n, k, "cuda", gen)
+    out = torch.full((a.shape[0], n), float("nan"), dtype=kernel.out_dtype, device="cuda")
+    kernel.grouped_mm(a, b, offs, out=out)
+    torch.cuda.synchronize()
+    ref = _reference(a, b, sizes)
+    if config.epilogue == "relu2":
+        ref = torch.relu(ref).square()
+    assert out.dtype == (torch.float32 if config.epilogue == "f32" else torch.bfloat16)
+    assert not out.isnan().any(), "some output rows were not written"
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    print(f"{config.name}: rel err {err:.2e}")
+    assert err <= (1e-4 if config.epilogue == "f32" else 1e-2), f"rel err {err:.2e}"

@@ -118,7 +118,7 @@ def test_sm80_golden_names(config, name):
     (Sm80Config(256, 256, 32, 32, 32, 3), "warps per threadblock"),
     (Sm80Config(128, 256, 64, 64, 64, 4, arch="sm89"), "over 101376 B on sm89"),
     (Sm80Config(128, 128, 32, 64, 64, 3, arch="sm90"), "not sm90"),
-    (Sm80Config(128, 128, 32, 64, 64, 3, epilogue="relu2"), "identity epilogue only"),
+    (Sm80Config(128, 128, 32, 64, 64, 3, epilogue="gelu"), "epilogue 'gelu' not in"),
     (KernelConfig(128, 128, 64, arch="sm80"), "use Sm80Config for sm80"),
 ])
 def test_sm80_predicate_rejects_with_reason(config, fragment):
@@ -252,3 +252,9 @@ def test_config_from_dict_picks_the_class_by_arch():
         assert config_from_dict(config.to_dict()) == config
     with pytest.raises(TypeError):
         config_from_dict({"arch": "sm100", "tile_m": 128})
+
+
+def test_sm80_configs_take_every_epilogue():
+    for epilogue, suffix in (("identity", ""), ("relu2", "_relu2"), ("f32", "_f32")):
+        c = Sm80Config(128, 128, 32, 64, 64, 3, epilogue=epilogue)
+        assert valid(c) and c.name == f"sm80_bf16_128x128x32_w64x64_s3{suffix}"

@@ -3,7 +3,8 @@
 #include "sm80_grouped_gemm.cuh"
 
 using Kernel = autotune::sm80::GroupedGemm<cutlass::bfloat16_t, 128, 128, 32,
-                                           64, 64, 3>;
+                                           64, 64, 3,
+                                           0>;
 
 AUTOTUNE_EXPORT size_t sm80_bf16_128x128x32_w64x64_s3_workspace_size(int groups, int sm_count) {
   return Kernel::workspace_size(groups, sm_count);
