@@ -158,16 +158,13 @@ def tune_main(argv: list[str]) -> int:
         return 2
     print(f"problem: {problem.key}\narch: {arch} ({ARCHS[arch].parts})")
     can_time = present == arch and not (args.compile_only or args.render_only)
-    if not can_time or not ARCHS[arch].tunable or args.configs or args.compile_all:
+    if not can_time or args.configs or args.compile_all:
         code = _compile(args, arch, problem)
         if present != arch:
             found = f"found {present}" if present else "no CUDA GPU found"
             done = "generated (--render-only)" if args.render_only else "generated and compiled"
             print(f"\nTiming needs an {arch} GPU ({ARCHS[arch].parts}); {found}. Sources were "
                   f"{done}; run the same command on an {arch} GPU to tune.")
-        elif not ARCHS[arch].tunable and can_time:
-            print(f"\nTuning on {arch} is not implemented yet (the tuner covers sm90 and sm100); "
-                  "the kernels above were compiled.")
         return code
     from .tune import main_from_args
 

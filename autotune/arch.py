@@ -16,8 +16,6 @@ class Arch:
     ``smem_per_block`` is the opt-in maximum dynamic shared memory of one thread block, in bytes
     (``cudaDevAttrMaxSharedMemoryPerBlockOptin``), which bounds tile x stage choices.
     ``sm_count`` is the SM count of the reference part, used only when no device is present.
-    ``tunable``: the tuner times this architecture's configs on its GPU (its configs share the
-    sm90 parameterisation and epilogues); the others compile only.
     """
 
     name: str
@@ -28,7 +26,6 @@ class Arch:
     min_nvcc: tuple[int, int]
     has_kernels: bool
     parts: str
-    tunable: bool = False
 
     @property
     def gencode_flags(self) -> list[str]:
@@ -45,9 +42,9 @@ ARCHS: dict[str, Arch] = {
     "sm89": Arch("sm89", (8, 9), "arch=compute_89,code=[sm_89,compute_89]", 99 * 1024, 142,
                  (11, 8), True, "L40S, L4"),
     "sm90": Arch("sm90", (9, 0), "arch=compute_90a,code=sm_90a", 227 * 1024, 132, (12, 3), True,
-                 "H100, H200", tunable=True),
+                 "H100, H200"),
     "sm100": Arch("sm100", (10, 0), "arch=compute_100a,code=sm_100a", 227 * 1024, 148, (12, 8),
-                  True, "B200, GB200", tunable=True),
+                  True, "B200, GB200"),
 }
 
 

@@ -52,7 +52,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from . import env
-from .arch import get_arch, supported_archs
+from .arch import get_arch
 from .cache import (
     TIMING_METHOD,
     BucketEntry,
@@ -70,6 +70,7 @@ from .space import (
     DEFAULT_ORDER,
     KernelConfig,
     RoutingConfig,
+    Sm80Config,
     TileOrder,
     default_configs,
     invalid_reason,
@@ -111,7 +112,8 @@ _HOST = socket.gethostname()
 # Outcomes of a trial (user attribute "outcome"). Only evaluated ones use up the budget.
 _EVALUATED = ("timed", "compile", "load", "launch", "wrong", "error")
 _FAILURE_KINDS = _EVALUATED[1:]
-_AXES = ("tile_m", "tile_n", "tile_k", "cluster", "schedule", "swap_ab")
+_AXES = ("tile_m", "tile_n", "tile_k", "cluster", "schedule", "swap_ab")  # sm90, sm100
+_SM80_AXES = ("tb", "tb_k", "warp", "stages")  # sm80, sm89 (CUTLASS 2.x)
 _MAX_MESSAGE = 2000
 
 
@@ -177,12 +179,17 @@ class Evaluator(Protocol):
 # Search space per stage
 # --------------------------------------------------------------------------------------------
 
-def _cluster_tag(config: KernelConfig) -> str:
-    return f"{config.cluster_m}x{config.cluster_n}"
+def _axes_of(config: KernelConfig | Sm80Config) -> tuple[str, ...]:
+    return _SM80_AXES if isinstance(config, Sm80Config) else _AXES
 
 
-def _axis_value(config: KernelConfig, axis: str) -> Any:
-    return _cluster_tag(config) if axis == "cluster" else getattr(config, axis)
+def _axis_value(config: KernelConfig | Sm80Config, axis: str) -> Any:
+    # Paired extents are one categorical each ("128x64"): their legal pairs are not a product.
+    pairs = {"cluster": ("cluster_m", "cluster_n"), "tb": ("tb_m", "tb_n"),
+             "warp": ("warp_m", "warp_n")}
+    if axis in pairs:
+        return "x".join(str(getattr(config, f)) for f in pairs[axis])
+    return getattr(config, axis)
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ class StageSpace:
     def axes(self) -> dict[str, tuple[Any, ...]]:
         """Per axis, the sorted values the candidates take (the categorical choices)."""
         return {a: tuple(sorted({_axis_value(c, a) for c in self.configs}, key=str))
-                for a in _AXES}
+                for a in _axes_of(self.configs[0])}
 
     @property
     def digest(self) -> str:
@@ -244,14 +251,14 @@ class StageSpace:
     def params_of(self, config: KernelConfig, order: TileOrder | None = None) -> dict[str, Any]:
         """The trial parameters that select ``config`` (and ``order``) for ``enqueue_trial``."""
         params = ({"config": config.name} if self.brute_force
-                  else {a: _axis_value(config, a) for a in _AXES})
+                  else {a: _axis_value(config, a) for a in _axes_of(config)})
         return params if order is None else {**params, "order": order.tag}
 
     def name_of(self, params: Mapping[str, Any]) -> str | None:
         """The point name a trial's parameters select (None if incomplete)."""
         if "config" in params:
             name = str(params["config"])
-        elif all(a in params for a in _AXES):
+        elif all(a in params for a in _axes_of(self.configs[0])):
             name = self._from_axes(params).name
         else:
             return None
@@ -259,9 +266,14 @@ class StageSpace:
             return f"{name}@{params['order']}" if "order" in params else None
         return name
 
-    def _from_axes(self, params: Mapping[str, Any]) -> KernelConfig:
-        # The candidates' own class: sm100's Sm100Config has the same fields as KernelConfig.
+    def _from_axes(self, params: Mapping[str, Any]) -> KernelConfig | Sm80Config:
         first = self.configs[0]
+        if isinstance(first, Sm80Config):
+            (bm, bn), (wm, wn) = ((int(v) for v in str(params[a]).split("x"))
+                                  for a in ("tb", "warp"))
+            return Sm80Config(bm, bn, int(params["tb_k"]), wm, wn, int(params["stages"]),
+                              self.epilogue, first.dtype, first.arch)
+        # The candidates' own class: sm100's Sm100Config has the same fields as KernelConfig.
         cm, cn = (int(v) for v in str(params["cluster"]).split("x"))
         return type(first)(int(params["tile_m"]), int(params["tile_n"]), int(params["tile_k"]),
                            cm, cn, str(params["schedule"]), bool(params["swap_ab"]),
@@ -286,15 +298,23 @@ class StageSpace:
         return config, runtime
 
 
+def _family(c: KernelConfig | Sm80Config) -> tuple[tuple, tuple]:
+    """(family, rank inside it) of a candidate, for :func:`_diverse_order`."""
+    if isinstance(c, Sm80Config):
+        # Threadblock tiles span the regimes; fewer stages and warps are the simpler variants.
+        return ((c.tb_m, c.tb_n), (c.stages, c.tb_k, -c.warp_m * c.warp_n, c.name))
+    return ((c.swap_ab, c.schedule, c.tile_n),
+            (c.cluster_m * c.cluster_n, c.cluster_m, c.tile_k, abs(c.tile_m - 128), c.name))
+
+
 def _diverse_order(configs: Sequence[KernelConfig]) -> list[KernelConfig]:
-    # Round-robin over (swap-AB, schedule, tile N) families so that a small budget still spans
-    # the decode (swap-AB, narrow N) and prefill (wide tiles) regimes; inside a family the
-    # simpler variants (no cluster, short K tile) come first.
+    # Round-robin over (swap-AB, schedule, tile N) families (threadblock tiles on sm80) so that
+    # a small budget still spans the decode (swap-AB, narrow N) and prefill (wide tiles)
+    # regimes; inside a family the simpler variants (no cluster, short K tile) come first.
     families: dict[tuple, list[KernelConfig]] = {}
     for c in configs:
-        families.setdefault((c.swap_ab, c.schedule, c.tile_n), []).append(c)
-    queues = [sorted(v, key=lambda c: (c.cluster_m * c.cluster_n, c.cluster_m, c.tile_k,
-                                       abs(c.tile_m - 128), c.name))
+        families.setdefault(_family(c)[0], []).append(c)
+    queues = [sorted(v, key=lambda c: _family(c)[1])
               for _, v in sorted(families.items(), key=lambda kv: str(kv[0]))]
     out = []
     while any(queues):
@@ -1148,10 +1168,7 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
     """
     start = time.monotonic()
     stages, buckets = _check_args(problem, stages, buckets, trials, time_budget, jobs, routing)
-    if not get_arch(arch).tunable:
-        tunable = ", ".join(a for a in supported_archs() if get_arch(a).tunable)
-        raise ValueError(f"arch: the tuner covers {tunable}; {arch} kernels compile only "
-                         f"(`python -m autotune --arch {arch} --compile-only`)")
+    get_arch(arch)  # a clear error for an unknown architecture
     spaces = stage_spaces(problem, arch, stages, max_configs, configs)
     evaluator = evaluator if evaluator is not None else GpuEvaluator(problem, arch,
                                                                      routing=routing)

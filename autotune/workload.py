@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .problem import LatentMoEProblem
-from .space import DEFAULT_ORDER, KernelConfig, Sm100Config, TileOrder
+from .space import DEFAULT_ORDER, KernelConfig, Sm80Config, Sm100Config, TileOrder
 
 STAGES = ("fc1", "up", "down", "fc2")
 GROUPED_STAGES = ("up", "down")
@@ -272,13 +272,30 @@ def sm100_counterpart(config: KernelConfig) -> Sm100Config:
                        config.cluster_n, "1sm", config.swap_ab, config.epilogue, config.dtype)
 
 
+def sm80_counterpart(config: KernelConfig, arch: str = "sm80") -> Sm80Config:
+    """The sm80/sm89 kernel that takes the place of an sm90 default ``config`` (same epilogue):
+    one of :func:`~autotune.space.default_configs`' three CUTLASS 2.x tiles.
+
+    CUTLASS 2.x has no swap-AB here, so the decode tiers (swap-AB, few rows per expert) take the
+    smallest threadblock tile, which wastes the least on mostly empty rows; the prefill tiers
+    keep their 128 x N tile with 64 x 64 warp tiles.
+    """
+    if config.swap_ab:
+        tile = (64, 64, 32, 32, 32)
+    elif config.tile_n >= 256:
+        tile = (128, 256, 32, 64, 64)
+    else:
+        tile = (128, 128, 32, 64, 64)
+    return Sm80Config(*tile, 3, config.epilogue, config.dtype, arch)
+
+
 def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
-                   arch: str = "sm90") -> KernelConfig | Sm100Config:
+                   arch: str = "sm90") -> KernelConfig | Sm80Config | Sm100Config:
     """The untuned config of ``stage`` at ``tokens`` tokens: the layer's own default.
 
     Taken from :func:`default_plan`, so "speedup over the default config" is
-    measured against what the layer runs when nothing is tuned. On sm100 it is the
-    :func:`sm100_counterpart` of the sm90 default.
+    measured against what the layer runs when nothing is tuned. On sm100 and sm80/sm89 it is
+    the :func:`sm100_counterpart` or :func:`sm80_counterpart` of the sm90 default.
 
     Requirements
     ------------
@@ -292,16 +309,18 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
     epilogue = stage_epilogue(problem, stage)
     if arch == "sm100":
         return sm100_counterpart(config.with_epilogue(epilogue))
+    if arch in ("sm80", "sm89"):
+        return sm80_counterpart(config.with_epilogue(epilogue), arch)
     if config.epilogue != epilogue or config.arch != arch:
         config = KernelConfig(**{**config.to_dict(), "epilogue": epilogue, "arch": arch})
     return config
 
 
 def default_tier_configs(problem: LatentMoEProblem, stage: str,
-                         arch: str = "sm90") -> list[KernelConfig | Sm100Config]:
+                         arch: str = "sm90") -> list[KernelConfig | Sm80Config | Sm100Config]:
     """Every config :func:`default_config` returns for ``stage`` over the token buckets (to
     build ahead of time)."""
-    seen: dict[str, KernelConfig | Sm100Config] = {}
+    seen: dict[str, KernelConfig | Sm80Config | Sm100Config] = {}
     for tokens in (*token_buckets(), 1 << 20):
         c = default_config(problem, stage, tokens, arch)
         seen.setdefault(c.name, c)

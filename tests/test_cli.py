@@ -82,16 +82,20 @@ def test_on_an_sm100_gpu_the_command_tunes(cache, capsys, monkeypatch):
     assert main(["--arch", "sm100", *TINY, "--tokens", "4,256", "--trials", "3",
                  "--max-configs", "6"]) == 0
     out = capsys.readouterr().out
-    assert "sm100_bf16_" in out and "table:" in out and "not implemented" not in out
+    assert "sm100_bf16_" in out and "table:" in out
     (table,) = (cache / "cache" / "tuned").glob("*__sm100__*.json")
     assert '"arch": "sm100"' in table.read_text()
 
 
-def test_on_an_sm80_gpu_the_command_compiles_and_says_tuning_is_not_there(cache, capsys,
-                                                                          monkeypatch):
-    import autotune.__main__ as cli
+def test_on_an_sm89_gpu_the_command_tunes_its_cutlass2_kernels(cache, capsys, monkeypatch):
+    from test_tune import StandIn
 
-    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm80")
-    monkeypatch.setattr(cli, "_compile", lambda *a: 0)
-    assert main(["--arch", "sm80", *TINY]) == 0
-    assert "Tuning on sm80 is not implemented yet" in capsys.readouterr().out
+    import autotune.__main__ as cli
+    from autotune import tune
+
+    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm89")
+    monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
+    assert main(["--arch", "sm89", *TINY, "--tokens", "4,256", "--trials", "3",
+                 "--max-configs", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "sm89_bf16_" in out and "table:" in out

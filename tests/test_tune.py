@@ -31,6 +31,7 @@ from autotune.space import (
     DEFAULT_ORDER,
     TILE_ORDERS,
     KernelConfig,
+    Sm80Config,
     Sm100Config,
     TileOrder,
     invalid_reason,
@@ -904,6 +905,28 @@ def test_gpu_evaluator_on_sm100_builds_no_routing_library(monkeypatch):
     assert seen == [config.name]
 
 
-def test_tuning_an_arch_without_a_tuner_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"tuner covers sm90, sm100; sm80 kernels compile only"):
-        run_tuning(PROBLEM, "sm80", evaluator=StandIn(), progress=False)
+def test_sm80_configs_are_tuned_with_their_own_axes():
+    """CUTLASS 2.x configs (threadblock/warp tiles, stages; no runtime tile order) go through
+    the same studies, brute force and TPE alike, and come back from the table."""
+    for max_configs in (8, 80):  # brute force, then TPE over the sm80 axes
+        ev = StandIn()
+        report = run_tuning(PROBLEM, "sm80", stages=["up", "fc1"], buckets=[4, 1024],
+                            trials=6, evaluator=ev, progress=False, max_configs=max_configs)
+        assert {c.split("_")[0] for c, *_ in ev.calls} == {"sm80"} and not ev.orders
+        table = read_table(report.table_path)
+        config = table.config_for("up", 1000)
+        assert isinstance(config, Sm80Config) and config.epilogue == "relu2"
+        assert config.name == report.result("up", 1024).winner.name
+        assert isinstance(table.config_for("fc1", 3), Sm80Config)
+
+
+def test_sm80_space_round_trips_its_axes():
+    space = tune.stage_spaces(PROBLEM, "sm89", ["down"], max_configs=80)["down"]
+    assert not space.brute_force and set(space.axes) == {"tb", "tb_k", "warp", "stages"}
+    for config in space.configs[:10]:
+        assert space.name_of(space.params_of(config)) == config.name
+
+
+def test_tuning_an_unknown_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="sm70"):
+        run_tuning(PROBLEM, "sm70", evaluator=StandIn(), progress=False)
