@@ -70,32 +70,19 @@ def test_compiles_a_config_and_says_timing_needs_the_gpu(cache, capsys):
     assert list((cache / "cache" / "kernels" / "sm90").glob(f"{name}-*.so"))
 
 
-def test_on_an_sm100_gpu_the_command_tunes(cache, capsys, monkeypatch):
-    """With an sm100 device present, `--arch sm100` runs the tuner (a stand-in times here)."""
+@pytest.mark.parametrize("arch", ["sm100", "sm89"])
+def test_on_a_gpu_of_the_arch_the_command_tunes(cache, capsys, monkeypatch, arch):
+    """With a device of ``arch`` present, `--arch <arch>` runs the tuner (a stand-in times)."""
     from test_tune import StandIn
 
     import autotune.__main__ as cli
     from autotune import tune
 
-    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm100")
+    monkeypatch.setattr(cli, "device_arch", lambda *a: arch)
     monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
-    assert main(["--arch", "sm100", *TINY, "--tokens", "4,256", "--trials", "3",
+    assert main(["--arch", arch, *TINY, "--tokens", "4,256", "--trials", "3",
                  "--max-configs", "6"]) == 0
     out = capsys.readouterr().out
-    assert "sm100_bf16_" in out and "table:" in out
-    (table,) = (cache / "cache" / "tuned").glob("*__sm100__*.json")
-    assert '"arch": "sm100"' in table.read_text()
-
-
-def test_on_an_sm89_gpu_the_command_tunes_its_cutlass2_kernels(cache, capsys, monkeypatch):
-    from test_tune import StandIn
-
-    import autotune.__main__ as cli
-    from autotune import tune
-
-    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm89")
-    monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
-    assert main(["--arch", "sm89", *TINY, "--tokens", "4,256", "--trials", "3",
-                 "--max-configs", "6"]) == 0
-    out = capsys.readouterr().out
-    assert "sm89_bf16_" in out and "table:" in out
+    assert f"{arch}_bf16_" in out and "table:" in out
+    (table,) = (cache / "cache" / "tuned").glob(f"*__{arch}__*.json")
+    assert f'"arch": "{arch}"' in table.read_text()
