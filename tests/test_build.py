@@ -98,10 +98,12 @@ def test_real_compile_publishes_a_loadable_library(cache):
 
 @needs_nvcc
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["sm80", "sm89"])
-def test_real_compile_of_the_cutlass2_grouped_gemm(cache, arch):
-    """One real nvcc compile per CUTLASS 2.x target: the cheapest tile, with its PTX embedded."""
-    config = Sm80Config(64, 64, 32, 32, 32, 3, arch=arch)
+@pytest.mark.parametrize("arch,epilogue", [("sm80", "identity"), ("sm89", "relu2"),
+                                            ("sm80", "f32")])
+def test_real_compile_of_the_cutlass2_grouped_gemm(cache, arch, epilogue):
+    """One real nvcc compile per CUTLASS 2.x target and epilogue kind: the cheapest tile, with
+    its PTX embedded."""
+    config = Sm80Config(64, 64, 32, 32, 32, 3, epilogue, arch=arch)
     (result,) = build([config], jobs=1)
     assert result.ok, result.log
     lib = ctypes.CDLL(str(result.path))
