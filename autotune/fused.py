@@ -1,4 +1,8 @@
-"""The sm90 CUTLASS forward of the latent MoE layer, with the latent projections fused in.
+"""The CUTLASS forward of the latent MoE layer, with the latent projections fused in.
+
+Built for sm90 and checked there against the oracle; the same pipeline runs the sm80/sm89 and
+sm100 kernels (the GEMMs share one C ABI), which :data:`VERIFIED_ARCHS` keeps out of
+``backend="auto"`` until they have been checked on such GPUs.
 
 Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 
@@ -24,21 +28,33 @@ from dataclasses import replace
 
 import torch
 
+from .arch import ARCHS, arch_of_capability
 from .cache import tuned_table
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
-from .space import RoutingConfig, TileOrder, invalid_reason
-from .workload import PLAN_FIELD, PLAN_INDEX, Plan, default_plan, stages_of
+from .space import SM80_ARCHS, RoutingConfig, TileOrder, invalid_reason
+from .workload import PLAN_FIELD, PLAN_INDEX, Plan, arch_counterpart, default_plan, stages_of
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Where the fused forward has run against the oracle on a GPU of that architecture:
+# backend="auto" picks the CUTLASS path only there (backend="cutlass" runs it everywhere).
+VERIFIED_ARCHS = ("sm90",)
 
 
-def tuned_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
-    """The configs and tile orders for ``tokens``: the tuned table's winners where one applies
-    (looked up once per process), the default tiers elsewhere (one warning names the tune
-    command)."""
-    table = tuned_table(problem, "sm90")
+def _default_plan(problem: LatentMoEProblem, tokens: int, arch: str) -> Plan:
     plan = default_plan(problem, tokens)
+    if arch == "sm90":
+        return plan
+    return replace(plan, **{f: arch_counterpart(getattr(plan, f), arch)
+                            for f in PLAN_FIELD.values()})
+
+
+def tuned_plan(problem: LatentMoEProblem, tokens: int, arch: str = "sm90") -> Plan:
+    """The configs and tile orders for ``tokens`` on ``arch``: the tuned table's winners where
+    one applies (looked up once per process), the default tiers elsewhere (one warning names the
+    tune command)."""
+    table = tuned_table(problem, arch)
+    plan = _default_plan(problem, tokens, arch)
     orders = list(plan.orders)
     for s in stages_of(problem):
         orders[PLAN_INDEX[s]] = table.order_for(s, tokens)
@@ -50,23 +66,50 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def device_arch_of(device: torch.device) -> str | None:
+    """The kernel architecture of a CUDA ``device`` (None when no kernels are built for it)."""
+    return arch_of_capability(torch.cuda.get_device_capability(device))
+
+
 @functools.lru_cache(maxsize=256)
-def unsupported_reason(problem: LatentMoEProblem, device: torch.device) -> str | None:
-    """Why the fused path cannot run ``problem`` on ``device``, or None (memoised: it is asked
-    on every call)."""
+def unsupported_reason(problem: LatentMoEProblem, device: torch.device,
+                       arch: str | None = None) -> str | None:
+    """Why the fused path cannot run ``problem`` on ``device`` with ``arch``'s kernels (default:
+    the device's own architecture), or None (memoised: it is asked on every call).
+
+    sm80/sm89 kernels also run on newer GPUs (their libraries embed PTX); the others only on
+    their own architecture."""
     if device.type != "cuda":
         return f"tensors are on {device}, the CUTLASS backend needs a CUDA device"
     cap = torch.cuda.get_device_capability(device)
-    if cap != (9, 0):
-        return f"the CUTLASS backend has sm90 kernels only; {device} is sm{cap[0]}{cap[1]}"
+    found = arch_of_capability(cap)
+    arch = arch or found
+    if arch not in ARCHS:
+        return (f"the CUTLASS backend has no kernels for {device} (sm{cap[0]}{cap[1]}); it has "
+                f"{', '.join(ARCHS)}")
+    if arch != found and not (arch in SM80_ARCHS and tuple(cap) >= ARCHS[arch].capability):
+        return f"{arch} kernels do not run on {device} (sm{cap[0]}{cap[1]})"
     if problem.dtype not in ("bfloat16", "float16"):
         return f"dtype {problem.dtype} has no kernels (bfloat16 and float16 do)"
-    for config in [*default_plan(problem, 1).configs(), RoutingConfig(
-            _DTYPE_NAMES[_torch_dtype(problem.dtype)])]:
+    routing = RoutingConfig(_DTYPE_NAMES[_torch_dtype(problem.dtype)], arch)
+    for config in [*_default_plan(problem, 1, arch).configs(), routing]:
         reason = invalid_reason(config, problem)
         if reason:
             return reason
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def unverified_reason(device: torch.device) -> str | None:
+    """Why ``backend="auto"`` keeps the CUTLASS path off ``device`` although it may run there
+    (its architecture's forward not yet checked on such a GPU), or None."""
+    if device.type != "cuda":
+        return None
+    arch = device_arch_of(device)
+    if arch is None or arch in VERIFIED_ARCHS:
+        return None
+    return (f"the CUTLASS forward with {arch} kernels has not been checked against the oracle "
+            f"on an {arch} GPU yet; backend='cutlass' runs it")
 
 
 class FusedLatentMoE:
@@ -84,22 +127,26 @@ class FusedLatentMoE:
         Fusions to undo, for before/after measurements only: "router_fc1" runs fc1 as its own
         GEMM (bf16 out) beside a router-only GEMM; "relu2" runs grouped GEMM 1 with a plain
         epilogue and the activation as separate torch ops.
+    arch : str, optional
+        Whose kernels run (default: the device's architecture); "sm80" on an sm90 GPU runs the
+        CUTLASS 2.x kernels through their PTX, as an A100 would.
 
     Requirements
     ------------
-    :func:`unsupported_reason` is None for ``problem`` and the weights' device; the weights are
-    contiguous and of ``problem.dtype`` (the gate may be fp32). Kernels compile into the cache on
-    first use of a token range, so warm each range up before capturing a graph.
+    :func:`unsupported_reason` is None for ``problem``, the weights' device and ``arch``; the
+    weights are contiguous and of ``problem.dtype`` (the gate may be fp32). Kernels compile into
+    the cache on first use of a token range, so warm each range up before capturing a graph.
     """
 
     def __init__(self, problem, gate_weight, e_score_correction_bias, fc1, up_proj, down_proj,
-                 fc2, unfused=frozenset()):
+                 fc2, unfused=frozenset(), arch: str | None = None):
         self.unfused = frozenset(unfused)
         if not self.unfused <= {"router_fc1", "relu2"}:
             raise ValueError(f"unfused: expected a subset of router_fc1, relu2; got {unfused}")
         self.problem = problem
         self.dtype = up_proj.dtype
         self.device = up_proj.device
+        self.arch = arch or device_arch_of(self.device)
         gate = gate_weight.float()
         hi = gate.to(self.dtype)
         lo = (gate - hi.float()).to(self.dtype)
@@ -120,14 +167,14 @@ class FusedLatentMoE:
         self.up = up_proj.contiguous()
         self.down = down_proj.contiguous()
         self.fc2 = None if fc2 is None else fc2.to(self.dtype).contiguous()
-        self.routing: Routing = load_routing(RoutingConfig(_DTYPE_NAMES[self.dtype]))
+        self.routing: Routing = load_routing(RoutingConfig(_DTYPE_NAMES[self.dtype], self.arch))
         self._plans: dict[int, tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...]]] = {}
 
     def kernels(self, tokens: int) -> tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...]]:
         """Loaded kernels for ``tokens`` and their tile orders, in :meth:`Plan.configs` order
         (resolved once per token count, never per call)."""
         if tokens not in self._plans:
-            plan = tuned_plan(self.problem, tokens)
+            plan = tuned_plan(self.problem, tokens, self.arch)
             if "relu2" in self.unfused:
                 plan = replace(plan, up=plan.up.with_epilogue("identity"))
             self._plans[tokens] = tuple(load(c) for c in plan.configs()), plan.orders
@@ -219,7 +266,8 @@ def cutlass_forward(x, gate_weight, e_score_correction_bias, up_proj, down_proj,
                     activation="relu2", scoring="sigmoid", n_group=1, topk_group=1,
                     norm_topk_prob=True, routed_scaling_factor=1.0, fc1_latent_proj=None,
                     fc2_latent_proj=None, topk_ids_hook=None):
-    """The layer on the fused sm90 path; same signature and result as the oracle.
+    """The layer on the fused CUTLASS path (the device's own kernels); same signature and
+    result as the oracle.
 
     ``fc1_latent_proj`` may be a weight (fused with the router) or a callable whose output the
     experts read; ``fc2_latent_proj`` a weight or None. Weights are prepared once per storage and

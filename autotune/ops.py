@@ -1,8 +1,9 @@
 """The public API: the ``LatentMoE`` module, the functional ``latent_moe`` and its custom op.
 
-Dispatch is one small function, :func:`_select_backend`: ``"cutlass"`` runs the fused sm90
+Dispatch is one small function, :func:`_select_backend`: ``"cutlass"`` runs the fused CUTLASS
 pipeline of :mod:`autotune.fused`, ``"reference"`` the fp32 oracle of :mod:`autotune.reference`,
-and ``"auto"`` the former where it can run and the latter elsewhere, with one logged reason.
+and ``"auto"`` the former where it can run and has been checked (sm90 so far) and the latter
+elsewhere, with one logged reason.
 
 The pure-tensor path (projections ``None`` or weight tensors, no hook) is one opaque
 ``torch.library`` custom op, ``autotune::latent_moe``, with a fake (meta) implementation, so
@@ -48,8 +49,12 @@ def _auto_backend(x: Tensor) -> Callable[..., Tensor]:
     """The fused CUTLASS path where it can run, else the reference with one logged reason."""
     from . import fused
 
+    unverified = fused.unverified_reason(x.device)
+
     def run(*args, **kwargs):
         try:
+            if unverified:
+                raise RuntimeError(unverified)
             return fused.cutlass_forward(*args, **kwargs)
         except (RuntimeError, ValueError, OSError) as e:
             reason = str(e)
@@ -69,8 +74,10 @@ def _select_backend(backend: str, x: Tensor) -> Callable[..., Tensor]:
     Requirements
     ------------
     ``backend`` in ``{"auto", "reference", "cutlass"}`` (``ValueError`` otherwise);
-    ``"cutlass"`` raises ``RuntimeError`` naming the reason where the sm90 kernels cannot run
-    (not an sm90 GPU, unsupported dtype or alignment, kernels that fail to build).
+    ``"cutlass"`` raises ``RuntimeError`` naming the reason where the CUTLASS kernels cannot
+    run (a GPU without kernels, unsupported dtype or alignment, kernels that fail to build).
+    ``"auto"`` runs them only where :data:`autotune.fused.VERIFIED_ARCHS` says the forward was
+    checked on such a GPU, else the reference with one logged reason.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
@@ -78,7 +85,7 @@ def _select_backend(backend: str, x: Tensor) -> Callable[..., Tensor]:
     if backend == "cutlass":
         if x.device.type != "cuda":
             raise RuntimeError(
-                f"backend='cutlass': the CUTLASS backend needs an sm90 GPU and the built kernels "
+                f"backend='cutlass': the CUTLASS backend needs a CUDA GPU and the built kernels "
                 f"(x is on {x.device}); use backend='auto' (falls back to the PyTorch reference) "
                 "or backend='reference'")
         from .fused import cutlass_forward

@@ -289,6 +289,15 @@ def sm80_counterpart(config: KernelConfig, arch: str = "sm80") -> Sm80Config:
     return Sm80Config(*tile, 3, config.epilogue, config.dtype, arch)
 
 
+def arch_counterpart(config: KernelConfig, arch: str) -> KernelConfig | Sm80Config | Sm100Config:
+    """``config`` (an sm90 default) itself on sm90, else its sm100 or sm80/sm89 counterpart."""
+    if arch == "sm100":
+        return sm100_counterpart(config)
+    if arch in ("sm80", "sm89"):
+        return sm80_counterpart(config, arch)
+    return config
+
+
 def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
                    arch: str = "sm90") -> KernelConfig | Sm80Config | Sm100Config:
     """The untuned config of ``stage`` at ``tokens`` tokens: the layer's own default.
@@ -307,10 +316,8 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
     config_dtype(problem)
     config = getattr(default_plan(problem, tokens), PLAN_FIELD[stage])
     epilogue = stage_epilogue(problem, stage)
-    if arch == "sm100":
-        return sm100_counterpart(config.with_epilogue(epilogue))
-    if arch in ("sm80", "sm89"):
-        return sm80_counterpart(config.with_epilogue(epilogue), arch)
+    if arch != "sm90":
+        return arch_counterpart(config.with_epilogue(epilogue), arch)
     if config.epilogue != epilogue or config.arch != arch:
         config = KernelConfig(**{**config.to_dict(), "epilogue": epilogue, "arch": arch})
     return config

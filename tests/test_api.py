@@ -300,7 +300,7 @@ def test_cutlass_backend_is_a_clear_error_without_sm90():
         pytest.skip("an sm90 GPU is present")
     m = make_module(backend="cutlass")
     x = torch.randn(4, H, dtype=BF16)
-    msg = "CUTLASS backend needs an sm90 GPU and the built kernels"
+    msg = "CUTLASS backend needs a CUDA GPU and the built kernels"
     with pytest.raises(RuntimeError, match=msg), torch.no_grad():
         m(x)
     m.topk_ids_hook = print

@@ -48,11 +48,11 @@ def oracle(p, wts, x, hook=None):
         fc2_latent_proj=wts["fc2"], topk_ids_hook=hook)
 
 
-def fused(p, wts):
+def fused(p, wts, arch=None):
     from autotune.fused import FusedLatentMoE
 
     return FusedLatentMoE(p, wts["gate_weight"], wts["e_score_correction_bias"], wts["fc1"],
-                          wts["up_proj"], wts["down_proj"], wts["fc2"])
+                          wts["up_proj"], wts["down_proj"], wts["fc2"], arch=arch)
 
 
 def poison_allocator(nbytes: int = 1 << 31) -> None:
@@ -65,9 +65,9 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def check(p, tokens, seed=0, skew=False):
+def check(p, tokens, seed=0, skew=False, arch=None):
     wts = make_weights(p, seed, skew)
-    layer = fused(p, wts)
+    layer = fused(p, wts, arch)
     gen = torch.Generator(device="cuda").manual_seed(seed + 1)
     x = torch.randn(tokens, p.hidden_size, generator=gen, device="cuda").to(layer.dtype)
     poison_allocator()
@@ -80,8 +80,8 @@ def check(p, tokens, seed=0, skew=False):
     assert not out.isnan().any(), "unwritten or NaN output"
     err = rel_err(out, ref)
     same = (ids_seen[0].sort(1).values == ref_ids[0].sort(1).values).all(1).float().mean().item()
-    print(f"{p.key} T={tokens}: rel err {err:.2e}, top-k sets equal to the fp32 router on "
-          f"{same:.4%} of tokens")
+    print(f"{p.key} T={tokens} {layer.arch}: rel err {err:.2e}, top-k sets equal to the fp32 "
+          f"router on {same:.4%} of tokens")
     assert err <= TOL, f"rel err {err:.2e}"
     assert same >= 0.99
 
@@ -89,6 +89,14 @@ def check(p, tokens, seed=0, skew=False):
 @pytest.mark.parametrize("tokens", [1, 3, 8, 77, 128, 1000, 4096])
 def test_super_matches_oracle(tokens):
     check(SUPER, tokens)
+
+
+@pytest.mark.parametrize("tokens", [1, 77, 1000])
+@pytest.mark.parametrize("preset", [SUPER, ODD], ids=lambda p: p.key[:5])
+def test_sm80_kernels_match_oracle(preset, tokens):
+    """The same pipeline on the CUTLASS 2.x kernels, their PTX JIT-compiled here as an A100
+    would run their machine code."""
+    check(preset, tokens, arch="sm80")
 
 
 @pytest.mark.parametrize("tokens", [1, 77, 1000])
