@@ -255,83 +255,39 @@ class Sm100Config:
 _SM100_KERNEL_SMEM = 1024
 
 
-def _sm100_stage_bytes(c: Sm100Config) -> int:
-    # Per CTA: with 2SM MMA each CTA of the pair stages half of A's rows and half of B's.
-    return (c.tile_m + c.tile_n) // c.mma_ctas * c.tile_k * _DTYPE_BYTES[c.dtype]
-
-
-def _sm100_tile_reason(c: Sm100Config) -> str | None:
+def _sm100_reason(c: Sm100Config, smem_per_block: int) -> str | None:
     if c.arch != "sm100":
         return f"Sm100Config is for sm100, not {c.arch}"
-    if c.schedule not in SM100_SCHEDULES:
-        return f"schedule {c.schedule!r} not in {SM100_SCHEDULES}"
-    if c.dtype not in DTYPES:
-        return f"dtype {c.dtype!r} not in {DTYPES}"
-    if c.epilogue not in EPILOGUES:
-        return f"epilogue {c.epilogue!r} not in {EPILOGUES}"
-    # UMMA's M extent: 64 or 128 rows from one CTA's tensor memory, 128 or 256 across a pair.
-    if c.schedule == "1sm" and c.tile_m not in (64, 128):
-        return f"1SM MMA needs tile M of 64 or 128, got {c.tile_m}"
-    if c.schedule == "2sm" and c.tile_m not in (128, 256):
-        return f"2SM MMA needs tile M of 128 or 256 (the CTA pair's), got {c.tile_m}"
-    # UMMA's N: steps of 16 up to 256 for 2SM, steps of 8 for 1SM (which no space tile uses).
-    # N <= 256 fp32 columns is at most half of tensor memory's 512, so the accumulator is always
-    # double-buffered (the epilogue drains one tile while the MMA fills the next).
-    if not 16 <= c.tile_n <= 256 or c.tile_n % 16:
-        return f"tile N must be a multiple of 16 in [16, 256], got {c.tile_n}"
-    if c.tile_k * _DTYPE_BYTES[c.dtype] not in (64, 128, 256):
-        return f"tile K of {c.tile_k} {c.dtype} is not 64, 128 or 256 bytes"
-    return None
-
-
-def _sm100_cluster_reason(c: Sm100Config) -> str | None:
-    for side, v in (("cluster M", c.cluster_m), ("cluster N", c.cluster_n)):
-        if v not in (1, 2, 4, 8):
-            return f"{side} must be 1, 2, 4 or 8, got {v}"
-    # Blackwell also allows 16-CTA clusters, but only as a non-portable opt-in.
-    if c.cluster_m * c.cluster_n > _MAX_CLUSTER:
-        return f"cluster size {c.cluster_m * c.cluster_n} exceeds the portable {_MAX_CLUSTER}"
     if c.schedule == "2sm" and c.cluster_m % 2:
         return f"2SM MMA pairs CTAs along cluster M, which must be even, got {c.cluster_m}"
-    # TMA multicast slices each CTA's A rows among the cluster's N side and B's rows among its
-    # M side; every slice stays a whole number of 8-row core matrices.
+    # Per CTA: with 2SM MMA each CTA of the pair holds half of A's rows and stages half of B's.
     cta_m = c.tile_m // c.mma_ctas
-    if cta_m % c.cluster_n or (cta_m // c.cluster_n) % 8:
-        return f"tile M {c.tile_m} does not split into {c.cluster_n} multicast slices of 8k rows"
-    if c.tile_n % c.cluster_m or (c.tile_n // c.cluster_m) % 8:
-        return f"tile N {c.tile_n} does not split into {c.cluster_m} multicast slices of 8k rows"
-    return None
+    stage = (c.tile_m + c.tile_n) // c.mma_ctas * c.tile_k * _DTYPE_BYTES[c.dtype]
+    return _cutlass3_reason(c, SM100_SCHEDULES, cta_m, stage, _SM100_KERNEL_SMEM, smem_per_block)
 
 
-def _sm100_reason(c: Sm100Config, smem_per_block: int) -> str | None:
-    reason = _sm100_tile_reason(c) or _sm100_cluster_reason(c)
-    if reason:
-        return reason
-    need = _MIN_STAGES * _sm100_stage_bytes(c) + _EPILOGUE_SMEM + _SM100_KERNEL_SMEM
-    if need > smem_per_block:
-        return (f"{_MIN_STAGES} stages of {_sm100_stage_bytes(c)} B per CTA plus the epilogue "
-                f"need {need} B of shared memory, over {smem_per_block} B")
-    return None
+# Tile M each schedule takes, and its name in messages. sm90: cooperative splits the tile's M
+# between two consumer warpgroups of 64 rows each; ping-pong gives each warpgroup a whole tile, so
+# 64 rows suffice. sm100: UMMA takes 64 or 128 rows from one CTA's tensor memory, 128 or 256
+# across a 2SM pair.
+_TILE_M = {"cooperative": ("cooperative", (128, 256)), "pingpong": ("pingpong", (64, 128)),
+           "1sm": ("1SM MMA", (64, 128)), "2sm": ("2SM MMA", (128, 256))}
 
 
-def _stage_bytes(c: KernelConfig) -> int:
-    return (c.tile_m + c.tile_n) * c.tile_k * _DTYPE_BYTES[c.dtype]
-
-
-def _tile_reason(c: KernelConfig) -> str | None:
-    if c.schedule not in SCHEDULES:
-        return f"schedule {c.schedule!r} not in {SCHEDULES}"
+def _tile_reason(c: KernelConfig | Sm100Config, schedules: tuple[str, ...]) -> str | None:
+    if c.schedule not in schedules:
+        return f"schedule {c.schedule!r} not in {schedules}"
     if c.dtype not in DTYPES:
         return f"dtype {c.dtype!r} not in {DTYPES}"
     if c.epilogue not in EPILOGUES:
         return f"epilogue {c.epilogue!r} not in {EPILOGUES}"
-    # Cooperative splits the tile's M between two consumer warpgroups of 64 rows each; ping-pong
-    # gives each warpgroup a whole tile, so 64 rows suffice there.
-    if c.schedule == "cooperative" and c.tile_m not in (128, 256):
-        return f"cooperative needs tile M of 128 or 256, got {c.tile_m}"
-    if c.schedule == "pingpong" and c.tile_m not in (64, 128):
-        return f"pingpong needs tile M of 64 or 128, got {c.tile_m}"
-    # wgmma's N extent is a multiple of 8 up to 256; the TMA epilogue tiles N by 16.
+    label, tile_ms = _TILE_M[c.schedule]
+    if c.tile_m not in tile_ms:
+        return f"{label} needs tile M of {tile_ms[0]} or {tile_ms[1]}, got {c.tile_m}"
+    # wgmma's N extent is a multiple of 8 up to 256, UMMA's of 16; the TMA epilogue tiles N by
+    # 16. On sm100, N <= 256 fp32 columns is at most half of tensor memory's 512, so the
+    # accumulator is always double-buffered (the epilogue drains one tile while the MMA fills the
+    # next).
     if not 16 <= c.tile_n <= 256 or c.tile_n % 16:
         return f"tile N must be a multiple of 16 in [16, 256], got {c.tile_n}"
     # One K block must be a whole number of 128-byte swizzle atoms (64 bf16) or a 64-byte one.
@@ -340,18 +296,33 @@ def _tile_reason(c: KernelConfig) -> str | None:
     return None
 
 
-def _cluster_reason(c: KernelConfig) -> str | None:
+def _cluster_reason(c: KernelConfig | Sm100Config, cta_m: int) -> str | None:
     for side, v in (("cluster M", c.cluster_m), ("cluster N", c.cluster_n)):
         if v not in (1, 2, 4, 8):
             return f"{side} must be 1, 2, 4 or 8, got {v}"
     if c.cluster_m * c.cluster_n > _MAX_CLUSTER:
         return f"cluster size {c.cluster_m * c.cluster_n} exceeds the portable {_MAX_CLUSTER}"
-    # TMA multicast splits the A tile among the cluster's N-side CTAs and the B tile among its
-    # M-side CTAs; each slice must stay a whole number of 8-row core matrices.
-    if (c.tile_m // c.cluster_n) % 8 or c.tile_m % c.cluster_n:
+    # TMA multicast splits each CTA's A tile (``cta_m`` rows) among the cluster's N-side CTAs and
+    # the B tile among its M-side CTAs; each slice must stay a whole number of 8-row core
+    # matrices.
+    if (cta_m // c.cluster_n) % 8 or cta_m % c.cluster_n:
         return f"tile M {c.tile_m} does not split into {c.cluster_n} multicast slices of 8k rows"
     if (c.tile_n // c.cluster_m) % 8 or c.tile_n % c.cluster_m:
         return f"tile N {c.tile_n} does not split into {c.cluster_m} multicast slices of 8k rows"
+    return None
+
+
+def _cutlass3_reason(c: KernelConfig | Sm100Config, schedules: tuple[str, ...], cta_m: int,
+                     stage_bytes: int, kernel_smem: int, smem_per_block: int) -> str | None:
+    """The CUTLASS 3.x checks sm90 and sm100 share: tile, cluster, and at least two mainloop
+    stages of ``stage_bytes`` per CTA beside the epilogue and ``kernel_smem`` in shared memory."""
+    reason = _tile_reason(c, schedules) or _cluster_reason(c, cta_m)
+    if reason:
+        return reason
+    need = _MIN_STAGES * stage_bytes + _EPILOGUE_SMEM + kernel_smem
+    if need > smem_per_block:
+        return (f"{_MIN_STAGES} stages of {stage_bytes} B per CTA plus the epilogue need {need} B "
+                f"of shared memory, over {smem_per_block} B")
     return None
 
 
@@ -393,14 +364,9 @@ def invalid_reason(config: KernelConfig | Sm80Config | Sm100Config | RoutingConf
     if config.arch != "sm90":
         other = "Sm100Config" if config.arch == "sm100" else "Sm80Config"
         return f"KernelConfig is the sm90 config; use {other} for {config.arch}"
-    reason = _tile_reason(config) or _cluster_reason(config)
-    if reason:
-        return reason
-    need = _MIN_STAGES * _stage_bytes(config) + _EPILOGUE_SMEM
-    if need > arch.smem_per_block:
-        return (f"{_MIN_STAGES} stages of {_stage_bytes(config)} B plus the epilogue need {need} B "
-                f"of shared memory, over {arch.smem_per_block} B")
-    return None if problem is None else _problem_reason(config, problem)
+    stage = (config.tile_m + config.tile_n) * config.tile_k * _DTYPE_BYTES[config.dtype]
+    reason = _cutlass3_reason(config, SCHEDULES, config.tile_m, stage, 0, arch.smem_per_block)
+    return reason or (None if problem is None else _problem_reason(config, problem))
 
 
 # The offsets kernel scans the per-expert counts with one block, and the grouped top-k keeps its
@@ -430,7 +396,7 @@ def config_from_dict(d: dict) -> KernelConfig | Sm80Config | Sm100Config:
     if not isinstance(d, dict):
         raise TypeError(f"a config is a dict of its fields, got {type(d).__name__}")
     arch = d.get("arch", "sm90")
-    cls = {"sm100": Sm100Config, "sm80": Sm80Config, "sm89": Sm80Config}.get(arch, KernelConfig)
+    cls = Sm100Config if arch == "sm100" else Sm80Config if arch in SM80_ARCHS else KernelConfig
     return cls.from_dict(d)
 
 

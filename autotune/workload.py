@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .problem import LatentMoEProblem
-from .space import DEFAULT_ORDER, KernelConfig, Sm80Config, Sm100Config, TileOrder
+from .space import DEFAULT_ORDER, SM80_ARCHS, KernelConfig, Sm80Config, Sm100Config, TileOrder
 
 STAGES = ("fc1", "up", "down", "fc2")
 GROUPED_STAGES = ("up", "down")
@@ -293,7 +293,7 @@ def arch_counterpart(config: KernelConfig, arch: str) -> KernelConfig | Sm80Conf
     """``config`` (an sm90 default) itself on sm90, else its sm100 or sm80/sm89 counterpart."""
     if arch == "sm100":
         return sm100_counterpart(config)
-    if arch in ("sm80", "sm89"):
+    if arch in SM80_ARCHS:
         return sm80_counterpart(config, arch)
     return config
 
@@ -316,11 +316,7 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
     config_dtype(problem)
     config = getattr(default_plan(problem, tokens), PLAN_FIELD[stage])
     epilogue = stage_epilogue(problem, stage)
-    if arch != "sm90":
-        return arch_counterpart(config.with_epilogue(epilogue), arch)
-    if config.epilogue != epilogue or config.arch != arch:
-        config = KernelConfig(**{**config.to_dict(), "epilogue": epilogue, "arch": arch})
-    return config
+    return arch_counterpart(config.with_epilogue(epilogue), arch)
 
 
 def default_tier_configs(problem: LatentMoEProblem, stage: str,
