@@ -15,7 +15,7 @@ from autotune.build import build
 from autotune.cache import tuned_table
 from autotune.problem import PRESETS
 from autotune.space import KernelConfig, RoutingConfig, default_configs
-from autotune.workload import all_default_configs, stages_of
+from autotune.workload import all_default_configs, arch_counterpart, stages_of
 
 
 def wanted(fp16: bool = True) -> list:
@@ -28,6 +28,12 @@ def wanted(fp16: bool = True) -> list:
         for stage in stages_of(p):
             for bucket in table.buckets(stage):
                 configs.append(KernelConfig.from_dict(table.entries[stage][bucket].winner.config))
+    # The GPU tests also run the sm80/sm89 kernels (their PTX) and every epilogue kind of one tile.
+    for p in PRESETS.values():
+        configs += [arch_counterpart(c, arch) for c in all_default_configs(p)
+                    for arch in ("sm80", "sm89")]
+    for c in (default_configs("sm90")[0], default_configs("sm80")[0]):
+        configs += [c.with_epilogue(e) for e in ("relu2", "f32")]
     return list({c.name: c for c in configs}.values())
 
 

@@ -93,10 +93,11 @@ def test_super_matches_oracle(tokens):
 
 @pytest.mark.parametrize("tokens", [1, 77, 1000])
 @pytest.mark.parametrize("preset", [SUPER, ODD], ids=lambda p: p.key[:5])
-def test_sm80_kernels_match_oracle(preset, tokens):
-    """The same pipeline on the CUTLASS 2.x kernels, their PTX JIT-compiled here as an A100
-    would run their machine code."""
-    check(preset, tokens, arch="sm80")
+@pytest.mark.parametrize("arch", ["sm80", "sm89"])
+def test_cutlass2_kernels_match_oracle(arch, preset, tokens):
+    """The same pipeline on the CUTLASS 2.x kernels built for an A100 (sm80) or an L40S (sm89),
+    run here through the PTX they embed, which the driver JIT-compiles for this GPU."""
+    check(preset, tokens, arch=arch)
 
 
 @pytest.mark.parametrize("tokens", [1, 77, 1000])
