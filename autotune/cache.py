@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import importlib.metadata
 import json
 import logging
@@ -467,26 +468,53 @@ def _check_stale(table: TunedTable) -> None:
                   tune_command(table.problem, table.arch))
 
 
+def _earlier_space_paths(key: str, directory: Path) -> list[Path]:
+    """Tables of ``key`` but for its search-space hash (the last part), newest first."""
+    prefix = key.rsplit("__s", 1)[0]
+    try:
+        paths = [p for p in directory.glob(f"{glob.escape(prefix)}__s*.json") if p.stem != key]
+        return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return []
+
+
+def _read_usable(path: Path) -> TunedTable | None:
+    try:
+        if not path.is_file():
+            return None
+        return read_table(path)
+    except OSError:
+        return None
+    except TableError as e:
+        warn_once(f"corrupt:{path}", "ignoring unusable tuned table: %s", e)
+        return None
+
+
 def find_table(key: str) -> TunedTable | None:
     """The first usable table of ``key`` in :func:`search_dirs` order, or None.
 
     Unreadable files are reported once (``logging.warning``) and skipped; a stale table (other
-    package, nvcc or CUTLASS version) warns once and is returned.
+    package, nvcc or CUTLASS version) warns once and is returned. Without a table of ``key``
+    anywhere, a table that differs only in the search-space hash (tuned before the space
+    changed, e.g. by a package upgrade) warns once and is returned: its winners are still run
+    where the validity predicate accepts them, and beat the untuned defaults.
     """
     for directory in search_dirs():
-        path = table_path(key, directory)
-        try:
-            if not path.is_file():
+        table = _read_usable(table_path(key, directory))
+        if table is not None:
+            _check_stale(table)
+            return table
+    for directory in search_dirs():
+        for path in _earlier_space_paths(key, directory):
+            table = _read_usable(path)
+            if table is None:
                 continue
-        except OSError:
-            continue
-        try:
-            table = read_table(path)
-        except TableError as e:
-            warn_once(f"corrupt:{path}", "ignoring unusable tuned table: %s", e)
-            continue
-        _check_stale(table)
-        return table
+            warn_once(f"space:{path}", "tuned table %s was tuned over another search space "
+                      "(s%s; this version's is s%s); its winners still apply; re-tune to try the "
+                      "new candidates: %s", path, table.space_hash, key.rsplit("__s", 1)[1],
+                      tune_command(table.problem, table.arch))
+            _check_stale(table)
+            return table
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -308,6 +309,29 @@ def test_stale_table_warns_once_and_still_applies(tmp_path, caplog):
     assert len(stale) == 1
     msg = stale[0].getMessage()
     assert "0.0.1" in msg and "release 12.8" in msg and "python -m autotune" in msg
+
+
+def _earlier_space(table: TunedTable, space: str = "0123456789abcdef") -> TunedTable:
+    return dataclasses.replace(table, key=table.key.rsplit("__s", 1)[0] + f"__s{space}",
+                               space_hash=space)
+
+
+def test_table_of_an_earlier_search_space_warns_once_and_still_applies(tmp_path, caplog):
+    write_table(_earlier_space(_table()), tmp_path / "shipped")
+    with caplog.at_level(logging.WARNING, logger="autotune"):
+        assert tuned_table(PROBLEM, "sm90", DEVICE).config_for("up", 4) == UP_A
+        cache._TABLES.clear()
+        assert tuned_table(PROBLEM, "sm90", DEVICE).config_for("up", 64) == UP_B
+    (warning,) = _warnings(caplog, "another search space")
+    msg = warning.getMessage()
+    assert "s0123456789abcdef" in msg and "python -m autotune" in msg
+
+
+def test_table_of_the_current_space_beats_an_earlier_one_anywhere(tmp_path):
+    write_table(_earlier_space(_table(up=UP_B)), tmp_path / "cache" / "tuned")
+    write_table(_table(up=UP_A), tmp_path / "shipped")
+    assert tuned_table(PROBLEM, "sm90", DEVICE).config_for("up", 4) == UP_A
+    assert find_table(_table().key).source.parent == tmp_path / "shipped"
 
 
 def test_corrupted_file_is_reported_once_and_skipped(tmp_path, monkeypatch, caplog):
