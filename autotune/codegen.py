@@ -13,7 +13,14 @@ from pathlib import Path
 import jinja2
 
 from .env import generated_dir, template_dir
-from .space import KernelConfig, RoutingConfig, Sm80Config, Sm100Config, invalid_reason
+from .space import (
+    KernelConfig,
+    RoutingConfig,
+    Sm80Config,
+    Sm100Config,
+    invalid_reason,
+    is_gemv,
+)
 
 _ELEMENT = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _CUDA_ELEMENT = {"bf16": "__nv_bfloat16", "fp16": "__half"}
@@ -36,6 +43,8 @@ def template_name(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfi
     """File name of the template that renders ``config``."""
     if isinstance(config, RoutingConfig):
         return "moe_routing.cu.j2"
+    if is_gemv(config):
+        return "gemv.cu.j2"
     if config.arch not in _TEMPLATE:
         raise ValueError(f"no template for arch {config.arch!r}; have {', '.join(_TEMPLATE)}")
     return _TEMPLATE[config.arch]
@@ -45,6 +54,11 @@ def context(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> 
     """The template variables of ``config``, already stringified for C++."""
     if isinstance(config, RoutingConfig):
         return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
+    if is_gemv(config):
+        return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype],
+                # gemv.cuh runs 4 warps per work item.
+                "rows_per_warp": str(config.tile_m // 4), "max_m": str(config.tile_n),
+                "epilogue": _EPILOGUE_KIND[config.epilogue]}
     if isinstance(config, Sm80Config):
         return {"name": config.name, "element": _ELEMENT[config.dtype],
                 "epilogue": _EPILOGUE_KIND[config.epilogue],

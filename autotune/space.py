@@ -18,11 +18,13 @@ from .arch import get_arch
 from .problem import LatentMoEProblem
 
 SCHEDULES = ("cooperative", "pingpong")
+# The CUDA-core decode kernel (templates/gemv.cuh), an sm90 KernelConfig schedule of its own.
+GEMV = "gemv"
 DTYPES = ("bf16", "fp16")
 # What the epilogue does with the fp32 accumulator: store it ("identity"), store relu(acc)^2
 # ("relu2", Nemotron 3's expert activation), or store it in fp32 ("f32", the router logits).
 EPILOGUES = ("identity", "relu2", "f32")
-_SCHEDULE_TAG = {"cooperative": "coop", "pingpong": "pp"}
+_SCHEDULE_TAG = {"cooperative": "coop", "pingpong": "pp", GEMV: GEMV}
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2}
 
 # TMA needs 16-byte aligned global strides, so every GEMM extent that is a leading dimension
@@ -47,6 +49,11 @@ class KernelConfig:
     Tile and cluster refer to the GEMM the kernel actually runs (after the swap). ``epilogue`` is
     one of :data:`EPILOGUES`; the search space enumerates "identity" and each pipeline stage sets
     its own kind with :meth:`with_epilogue`.
+
+    ``schedule`` "gemv" is the CUDA-core decode kernel (templates/gemv.cuh) instead of a CUTLASS
+    one, for groups of a few rows, where the GEMM is a weight stream: weights on the M side
+    (``swap_ab``), ``tile_m`` weight rows per work item (4 warps' worth), ``tile_n`` rows of A
+    per pass over them, ``tile_k`` 256 (one warp's 16-byte loads), no cluster.
     """
 
     tile_m: int
@@ -364,9 +371,41 @@ def invalid_reason(config: KernelConfig | Sm80Config | Sm100Config | RoutingConf
     if config.arch != "sm90":
         other = "Sm100Config" if config.arch == "sm100" else "Sm80Config"
         return f"KernelConfig is the sm90 config; use {other} for {config.arch}"
-    stage = (config.tile_m + config.tile_n) * config.tile_k * _DTYPE_BYTES[config.dtype]
-    reason = _cutlass3_reason(config, SCHEDULES, config.tile_m, stage, 0, arch.smem_per_block)
+    if config.schedule == GEMV:
+        reason = _gemv_reason(config)
+    else:
+        stage = (config.tile_m + config.tile_n) * config.tile_k * _DTYPE_BYTES[config.dtype]
+        reason = _cutlass3_reason(config, SCHEDULES, config.tile_m, stage, 0, arch.smem_per_block)
     return reason or (None if problem is None else _problem_reason(config, problem))
+
+
+# gemv work items: 4 warps of 2, 4 or 8 weight rows; A rows per pass live in registers.
+_GEMV_TILE_M = (8, 16, 32)
+_GEMV_TILE_N = (1, 2, 4, 8)
+_GEMV_TILE_K = 256
+
+
+def _gemv_reason(c: KernelConfig) -> str | None:
+    if c.dtype not in DTYPES:
+        return f"dtype {c.dtype!r} not in {DTYPES}"
+    if c.epilogue not in EPILOGUES:
+        return f"epilogue {c.epilogue!r} not in {EPILOGUES}"
+    if not c.swap_ab:
+        return "gemv streams the weights on the M side: it needs swap_ab=True"
+    if (c.cluster_m, c.cluster_n) != (1, 1):
+        return f"gemv runs without clusters, got {c.cluster_m}x{c.cluster_n}"
+    if c.tile_m not in _GEMV_TILE_M:
+        return f"gemv takes tile M (weight rows per item) in {_GEMV_TILE_M}, got {c.tile_m}"
+    if c.tile_n not in _GEMV_TILE_N:
+        return f"gemv takes tile N (rows of A per pass) in {_GEMV_TILE_N}, got {c.tile_n}"
+    if c.tile_k != _GEMV_TILE_K:
+        return f"gemv's tile K is {_GEMV_TILE_K} (a warp of 16-byte loads), got {c.tile_k}"
+    return None
+
+
+def is_gemv(config: object) -> bool:
+    """Whether ``config`` is the CUDA-core decode kernel (no tiles to reorder, no tensor cores)."""
+    return getattr(config, "schedule", None) == GEMV
 
 
 # The offsets kernel scans the per-expert counts with one block, and the grouped top-k keeps its
@@ -456,7 +495,18 @@ def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
         c = KernelConfig(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
         if valid(c, problem):
             out.append(c)
-    return out
+    return out + [c for c in gemv_configs(dtype) if valid(c, problem)]
+
+
+# The decode kernels the tuner tries beside the tensor-core tiles: 8 or 16 weight rows per item,
+# one row of A per pass (a token per expert) or four (a few tokens through a dense projection).
+_GEMV_POINTS = ((8, 1), (16, 1), (8, 4), (16, 4))
+
+
+def gemv_configs(dtype: str = "bf16") -> list[KernelConfig]:
+    """The sm90 search space's "gemv" configs (see :class:`KernelConfig`)."""
+    return [KernelConfig(tm, tn, _GEMV_TILE_K, 1, 1, GEMV, True, "identity", dtype, "sm90")
+            for tm, tn in _GEMV_POINTS]
 
 
 def default_configs(arch: str = "sm90", dtype: str = "bf16"

@@ -74,6 +74,7 @@ from .space import (
     TileOrder,
     default_configs,
     invalid_reason,
+    is_gemv,
     search_space,
     tile_orders,
 )
@@ -100,18 +101,25 @@ __all__ = [
 
 log = logging.getLogger("autotune")
 
-# Sized for the 10-minute cold run on one H200 host: 12 candidates per epilogue kind (36 sm90a
-# compiles, about 150 s on 16 cores) and 12 trials per study; on the H200 the Super preset with
-# 8 buckets tuned in 213 s, and each trial there took about 0.2 s.
-DEFAULT_TRIALS = 12
+# Sized for the 10-minute cold run on one H200 host: 12 tensor-core candidates per epilogue kind
+# (36 sm90a compiles, about 130 s on 16 cores; the gemv kernels take seconds) and trials enough
+# for a brute-force study to time every candidate, the four gemv kernels (beyond the cap)
+# included: the Super preset's 28 buckets then take about 250 s of trials on the H200.
 DEFAULT_MAX_CONFIGS = 12
+DEFAULT_TRIALS = 16
 # Up to this many points an exhaustive search costs no more than TPE's start-up phase.
 BRUTE_FORCE_MAX = 64
 TOLERANCE = 1e-2
 _HOST = socket.gethostname()
-# Outcomes of a trial (user attribute "outcome"). Only evaluated ones use up the budget.
+# Outcomes of a trial (user attribute "outcome") that evaluated its point.
 _EVALUATED = ("timed", "compile", "load", "launch", "wrong", "error")
 _FAILURE_KINDS = _EVALUATED[1:]
+# What settles a point for its study: an evaluation, or "skipped" (it does not apply at the
+# study's token count, see _skip_reason). Settled points use up the budget and are never retried.
+_SETTLED = (*_EVALUATED, "skipped")
+# A gemv pass streams every weight of its work items once; past this many passes (rows per group
+# over the config's rows per pass) the tensor-core tiles, which read the weights once, win.
+_GEMV_MAX_PASSES = 4
 _AXES = ("tile_m", "tile_n", "tile_k", "cluster", "schedule", "swap_ab")  # sm90, sm100
 _SM80_AXES = ("tb", "tb_k", "warp", "stages")  # sm80, sm89 (CUTLASS 2.x)
 _MAX_MESSAGE = 2000
@@ -337,8 +345,10 @@ def select_candidates(problem: LatentMoEProblem, arch: str = "sm90",
     Parameters
     ----------
     max_configs : int or None
-        Cap on the candidates (the stages' default configs always count in, even past the
-        cap); None takes the whole valid space.
+        Cap on the tensor-core candidates (the stages' default configs always count in, even
+        past the cap); None takes the whole valid space. The space's gemv kernels (decode, a
+        handful of points) always join, beyond the cap, so that the cap keeps choosing the same
+        tiles.
     configs : sequence of KernelConfig or names, optional
         Explicit candidates (e.g. ``--configs``) instead of a subset of the space; the cap does
         not apply.
@@ -370,13 +380,15 @@ def select_candidates(problem: LatentMoEProblem, arch: str = "sm90",
         limit = None
     else:
         pool = [c for c in default_configs(arch, dtype) if invalid_reason(c, problem) is None]
-        pool += _diverse_order(space)
+        pool += _diverse_order([c for c in space if not is_gemv(c)])
         limit = max_configs
     out: dict[str, KernelConfig] = {c.name: c for c in musts}
     for c in pool:
         if limit is not None and len(out) >= limit:
             break
         out.setdefault(c.name, c)
+    if configs is None:
+        out.update((c.name, c) for c in space if is_gemv(c))
     return list(out.values())
 
 
@@ -504,7 +516,7 @@ def _outcome(t: FrozenTrial) -> str | None:
 
 
 def _evaluated_count(trials: Sequence[FrozenTrial]) -> int:
-    return sum(1 for t in trials if t.state.is_finished() and _outcome(t) in _EVALUATED)
+    return sum(1 for t in trials if t.state.is_finished() and _outcome(t) in _SETTLED)
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -530,7 +542,7 @@ def _recover(study: optuna.Study, space: StageSpace) -> int:
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    done = {_name_of(space, t) for t in trials if _outcome(t) in _EVALUATED}
+    done = {_name_of(space, t) for t in trials if _outcome(t) in _SETTLED}
     count = 0
     for t in trials:
         # No outcome on a FAIL trial: its process died, or a heartbeat declared it stale.
@@ -575,6 +587,11 @@ class _Objective:
             trial.set_user_attr("outcome", "duplicate")
             trial.set_user_attr("duplicate_of", dup)
             raise _TrialFailed(f"{name} is already evaluated in trial {dup}")
+        skip = _skip_reason(self.space.problem, self.stage, self.bucket, config)
+        if skip:
+            trial.set_user_attr("outcome", "skipped")
+            trial.set_user_attr("skip_reason", skip)
+            raise optuna.TrialPruned(skip)
         error = self.compile_errors.get(config.name)
         if error:
             return self._fail(trial, Failure("compile", error))
@@ -607,7 +624,7 @@ class _Objective:
         for t in trial.study.get_trials(deepcopy=False):
             if t.number == trial.number or _name_of(self.space, t) != name:
                 continue
-            if (t.state.is_finished() and _outcome(t) in _EVALUATED) or (
+            if (t.state.is_finished() and _outcome(t) in _SETTLED) or (
                     t.state == TrialState.RUNNING and t.number < trial.number):
                 return t.number
         return None
@@ -643,7 +660,7 @@ class _StopWhenDone:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.attempts += 1
-        if trial.state.is_finished() and _outcome(trial) in _EVALUATED:
+        if trial.state.is_finished() and _outcome(trial) in _SETTLED:
             self.bar.update(1)
         trials = study.get_trials(deepcopy=False)
         # The trial this callback reports is finished: every RUNNING one is another worker's.
@@ -985,13 +1002,34 @@ def _run_study(run: _Run, study: optuna.Study, space: StageSpace, target: int, b
     study.optimize(objective, timeout=timeout, catch=(_TrialFailed,), callbacks=[stopper])
 
 
+def _rows_per_group(problem: LatentMoEProblem, stage: str, tokens: int) -> int:
+    shape = stage_shape(problem, stage)
+    return -(-shape.rows(tokens) // shape.groups)  # uniform routing's rows per expert
+
+
+def _skip_reason(problem: LatentMoEProblem, stage: str, tokens: int,
+                 config: KernelConfig) -> str | None:
+    """Why ``config`` is not worth timing for ``stage`` at ``tokens`` tokens (a gemv kernel that
+    would stream the weights more than :data:`_GEMV_MAX_PASSES` times), or None."""
+    if not is_gemv(config):
+        return None
+    rows = _rows_per_group(problem, stage, tokens)
+    passes = -(-rows // config.tile_n)
+    if passes <= _GEMV_MAX_PASSES:
+        return None
+    return (f"gemv would stream the weights {passes} times ({rows} rows per group at "
+            f"t={tokens}, {config.tile_n} per pass)")
+
+
 def _tiles_both_ways(problem: LatentMoEProblem, stage: str, tokens: int,
                      config: KernelConfig) -> bool:
     """Whether a typical group of ``stage`` at ``tokens`` tokens spans at least two output
     tiles along both M and N of the GEMM ``config`` runs (after a swap-AB): only then does the
     order in which CTAs walk the tiles change which operand tiles they share in L2."""
+    if is_gemv(config):
+        return False  # its work items are rows of weights, with no 2-D tile grid to reorder
     shape = stage_shape(problem, stage)
-    rows = -(-shape.rows(tokens) // shape.groups)  # uniform routing's rows per expert
+    rows = _rows_per_group(problem, stage, tokens)
     m, n = (shape.n, rows) if config.swap_ab else (rows, shape.n)
     return -(-m // config.tile_m) >= 2 and -(-n // config.tile_n) >= 2
 

@@ -14,7 +14,7 @@ import time
 from autotune.build import build
 from autotune.cache import tuned_table
 from autotune.problem import PRESETS
-from autotune.space import KernelConfig, RoutingConfig, default_configs
+from autotune.space import KernelConfig, RoutingConfig, default_configs, gemv_configs
 from autotune.workload import all_default_configs, arch_counterpart, stages_of
 
 
@@ -34,6 +34,7 @@ def wanted(fp16: bool = True) -> list:
                     for arch in ("sm80", "sm89")]
     for c in (default_configs("sm90")[0], default_configs("sm80")[0]):
         configs += [c.with_epilogue(e) for e in ("relu2", "f32")]
+    configs += [c.with_epilogue(e) for c in gemv_configs() for e in ("identity", "relu2", "f32")]
     return list({c.name: c for c in configs}.values())
 
 

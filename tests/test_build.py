@@ -9,7 +9,7 @@ import pytest
 
 from autotune import build as build_mod
 from autotune.build import BuildError, build, build_key, find_nvcc, library_path, nvcc_flags
-from autotune.space import KernelConfig, Sm80Config, Sm100Config
+from autotune.space import KernelConfig, Sm80Config, Sm100Config, gemv_configs
 
 # The cheapest variant to compile: one small cooperative kernel without clusters.
 CHEAP = KernelConfig(128, 64, 64, 1, 1, "cooperative")
@@ -114,11 +114,8 @@ def test_real_compile_of_the_cutlass2_grouped_gemm(cache, arch, epilogue):
         nvcc_flags(arch)
 
 
-@needs_nvcc
-@pytest.mark.slow
-def test_real_compile_of_the_sm100_grouped_gemm(cache):
-    """One real nvcc compile for sm100a (no Blackwell GPU here: compile-verified only)."""
-    config = Sm100Config(128, 64, 64, 1, 1, "1sm")
+def _workspace_size_of_a_full_abi(config):
+    """Build ``config``, check its library exports the whole C ABI, return its workspace_size."""
     (result,) = build([config], jobs=1)
     assert result.ok, result.log
     lib = ctypes.CDLL(str(result.path))
@@ -126,4 +123,22 @@ def test_real_compile_of_the_sm100_grouped_gemm(cache):
         assert hasattr(lib, f"{config.name}_{entry}")
     size = getattr(lib, f"{config.name}_workspace_size")
     size.restype, size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int]
+    return size
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_real_compile_of_the_sm100_grouped_gemm(cache):
+    """One real nvcc compile for sm100a (no Blackwell GPU here: compile-verified only)."""
+    config = Sm100Config(128, 64, 64, 1, 1, "1sm")
+    size = _workspace_size_of_a_full_abi(config)
     assert size(512, 148) > size(1, 148) > 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("epilogue", ["relu2", "f32"])
+def test_real_compile_of_the_gemv_kernel(cache, epilogue):
+    """The gemv decode kernel compiles in seconds: every epilogue's dense and grouped entry."""
+    config = gemv_configs()[-1].with_epilogue(epilogue)
+    size = _workspace_size_of_a_full_abi(config)
+    assert size(512, 132) == 0  # reads the shapes and pointers where the caller put them

@@ -17,6 +17,7 @@ GOLDEN = Path(__file__).parent / "golden"
     KernelConfig(128, 32, 128, 1, 1, "pingpong", True),
     Sm80Config(128, 128, 32, 64, 64, 3),
     Sm100Config(256, 128, 64, 2, 1, "2sm"),
+    KernelConfig(16, 4, 256, 1, 1, "gemv", True, "relu2"),
 ], ids=lambda c: c.name)
 def test_golden_render(config):
     assert render(config) == (GOLDEN / f"{config.name}.cu").read_text()
@@ -33,6 +34,12 @@ def test_sm80_render_carries_the_epilogue_kind():
     for epilogue, kind in (("identity", 0), ("relu2", 1), ("f32", 2)):
         text = render(Sm80Config(128, 128, 32, 64, 64, 3, epilogue=epilogue))
         assert f"64, 64, 3,\n{' ' * 43}{kind}>;" in text
+
+
+def test_gemv_render_carries_rows_per_warp_rows_per_pass_and_epilogue():
+    text = render(KernelConfig(8, 1, 256, 1, 1, "gemv", True, "f32", "fp16"))
+    assert '#include "gemv.cuh"' in text
+    assert "GroupedGemv<__half, 2, 1,\n" in text and "2>;" in text
 
 
 def test_render_rejects_invalid_config():

@@ -135,8 +135,27 @@ def test_float16():
     check(ODD.with_(dtype="float16"), 77)
 
 
-@pytest.mark.parametrize("tokens", [1, 128])
-def test_graph_replay_with_fresh_inputs_equals_eager(tokens):
+def gemv_plan(monkeypatch):
+    """Run every GEMM stage of the forward on one gemv decode kernel, whatever the table says."""
+    import autotune.fused
+    from autotune.space import gemv_configs
+    from autotune.workload import Plan
+
+    g = gemv_configs()[-1]
+    plan = Plan(router=g.with_epilogue("f32"), up=g.with_epilogue("relu2"), down=g, fc2=g)
+    monkeypatch.setattr(autotune.fused, "tuned_plan", lambda *args, **kwargs: plan)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_gemv_kernels_match_oracle(monkeypatch, tokens):
+    gemv_plan(monkeypatch)
+    check(SUPER, tokens)
+
+
+@pytest.mark.parametrize("tokens,gemv", [(1, False), (128, False), (2, True)])
+def test_graph_replay_with_fresh_inputs_equals_eager(monkeypatch, tokens, gemv):
+    if gemv:
+        gemv_plan(monkeypatch)
     p = SUPER
     wts = make_weights(p, 3)
     layer = fused(p, wts)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotune.space import default_configs
+from autotune.space import default_configs, gemv_configs
 
 pytestmark = pytest.mark.gpu
 
 SM90 = default_configs("sm90")
-CONFIGS = SM90 + default_configs("sm80")
+GEMV = gemv_configs()  # the CUDA-core decode kernels of the sm90 space
+CONFIGS = SM90 + GEMV + default_configs("sm80")
 
 
 def _groups(sizes, n, k, device, gen):
@@ -64,7 +65,7 @@ def test_grouped_mm_matches_torch(kernels, config, sizes, n, k):
     assert err <= 1e-2, f"rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("config", SM90[:1] + SM90[-1:], ids=lambda c: c.name)
+@pytest.mark.parametrize("config", SM90[:1] + SM90[-1:] + GEMV[-1:], ids=lambda c: c.name)
 def test_grouped_mm_graph_replay_with_fresh_inputs(kernels, config):
     kernel = kernels[config.name]
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -109,19 +110,20 @@ def test_every_tile_order_gives_the_same_result(kernels, config):
         assert torch.equal(out, outs["m1"]), f"order {tag} differs from the default"
 
 
-def test_sm80_kernels_refuse_a_runtime_tile_order(kernels):
+@pytest.mark.parametrize("config", default_configs("sm80")[:1] + GEMV[:1],
+                         ids=lambda c: c.name)
+def test_kernels_without_tile_orders_refuse_one(kernels, config):
     from autotune.runtime import KernelError
     from autotune.space import TileOrder
 
-    config = default_configs("sm80")[0]
     gen = torch.Generator(device="cuda").manual_seed(3)
     a, b, offs = _groups([8, 8], 64, 64, "cuda", gen)
     with pytest.raises(KernelError, match="raster 0 and swizzle 1"):
         kernels[config.name].grouped_mm(a, b, offs, order=TileOrder("n", 2))
 
 
-# Each epilogue kind on one sm90 and one sm80 tile (the sm80 one through its PTX).
-EPILOGUE_CONFIGS = [c.with_epilogue(e) for c in (SM90[0], default_configs("sm80")[0])
+# Each epilogue kind on one sm90 tile, one gemv kernel and one sm80 tile (through its PTX).
+EPILOGUE_CONFIGS = [c.with_epilogue(e) for c in (SM90[0], GEMV[-1], default_configs("sm80")[0])
                     for e in ("relu2", "f32")]
 
 
@@ -144,3 +146,20 @@ def test_epilogues_match_torch(config):
     err = ((out.float() - ref).norm() / ref.norm()).item()
     print(f"{config.name}: rel err {err:.2e}")
     assert err <= (1e-4 if config.epilogue == "f32" else 1e-2), f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("config", SM90[-1:] + GEMV, ids=lambda c: c.name)
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_dense_matches_torch(kernels, config, m):
+    # One group through run_dense (the latent projections); 9 rows take several gemv passes.
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    n, k = 136, 200
+    a = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    b = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    kernels[config.name].dense(a, b, out)
+    torch.cuda.synchronize()
+    ref = a.float() @ b.float().T
+    assert not out.isnan().any(), "some outputs were not written"
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, f"rel err {err:.2e}"

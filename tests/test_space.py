@@ -17,7 +17,9 @@ from autotune.space import (
     _sm100_reason,
     config_from_dict,
     default_configs,
+    gemv_configs,
     invalid_reason,
+    is_gemv,
     search_space,
     space_hash,
     tile_orders,
@@ -87,8 +89,26 @@ def test_search_space_is_valid_unique_and_stable():
     assert len(names) == len(set(names)) > 100
     assert all(valid(c) for c in space)
     assert space_hash(space) == space_hash(search_space("sm90", PRESETS["nemotron-3-super"]))
-    assert {c.schedule for c in space} == {"cooperative", "pingpong"}
+    assert {c.schedule for c in space} == {"cooperative", "pingpong", "gemv"}
     assert any(c.swap_ab for c in space)
+
+
+def test_gemv_configs_are_decode_points_of_the_sm90_space():
+    gemv = gemv_configs()
+    assert [c.name for c in gemv] == [
+        "sm90_bf16_8x1x256_c1x1_gemv_swapab", "sm90_bf16_16x1x256_c1x1_gemv_swapab",
+        "sm90_bf16_8x4x256_c1x1_gemv_swapab", "sm90_bf16_16x4x256_c1x1_gemv_swapab"]
+    assert set(gemv) <= set(search_space("sm90")) and all(is_gemv(c) for c in gemv)
+    c = gemv[0]
+    replace = dataclasses.replace
+    assert "swap_ab=True" in invalid_reason(replace(c, swap_ab=False))
+    assert "clusters" in invalid_reason(replace(c, cluster_m=2))
+    assert "tile M" in invalid_reason(replace(c, tile_m=64))
+    assert "tile N" in invalid_reason(replace(c, tile_n=16))
+    assert "tile K" in invalid_reason(replace(c, tile_k=128))
+    assert invalid_reason(c.with_epilogue("f32"), PRESETS["nemotron-3-super"]) is None
+    # A CUTLASS schedule keeps its own checks: tile M 8 is no wgmma tile.
+    assert "tile M" in invalid_reason(replace(c, schedule="pingpong"))
 
 
 def test_defaults_are_valid_and_in_space():
@@ -223,9 +243,9 @@ def test_sm100_space_defaults_and_problem():
 
 
 def test_sm90_space_is_unchanged_by_sm100():
-    # The sm90 space hash is part of the shipped tuned tables' keys.
-    assert len(search_space("sm90")) == 276
-    assert space_hash(search_space("sm90")) == "171e5f108c25c1f2"
+    # The sm90 space hash is part of the shipped tuned tables' keys: 276 CUTLASS tiles, 4 gemv.
+    assert len(search_space("sm90")) == 280
+    assert space_hash(search_space("sm90")) == "6747fc16e043d354"
 
 
 def test_sm100_stage_defaults_are_valid_tuning_candidates():

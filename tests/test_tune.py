@@ -34,7 +34,9 @@ from autotune.space import (
     Sm80Config,
     Sm100Config,
     TileOrder,
+    gemv_configs,
     invalid_reason,
+    is_gemv,
     valid,
 )
 from autotune.tune import (
@@ -341,7 +343,9 @@ def test_default_configs_are_valid_for_every_stage_and_bucket():
 def test_select_candidates_keeps_defaults_and_caps():
     cands = select_candidates(PROBLEM, "sm90", 12)
     names = {c.name for c in cands}
-    assert len(cands) == 12 == len(names)
+    # 12 tensor-core tiles, and the gemv decode kernels beyond the cap.
+    assert len(cands) == 16 == len(names)
+    assert [c for c in cands if is_gemv(c)] == gemv_configs()
     for stage in stages_of(PROBLEM):
         for t in token_buckets():
             assert default_config(PROBLEM, stage, t).with_epilogue("identity").name in names
@@ -363,7 +367,7 @@ def test_select_candidates_explicit_configs():
 def test_small_space_is_brute_force_and_large_is_tpe():
     small = stage_spaces(PROBLEM, "sm90", ["up"], max_configs=16)["up"]
     large = stage_spaces(PROBLEM, "sm90", ["up"], max_configs=None)["up"]
-    assert small.brute_force and len(small.configs) == 16
+    assert small.brute_force and len(small.configs) == 16 + len(gemv_configs())
     assert not large.brute_force and len(large.configs) > tune.BRUTE_FORCE_MAX
     assert isinstance(tune._sampler(small, "s", 8), optuna.samplers.BruteForceSampler)
     assert isinstance(tune._sampler(large, "s", 8), optuna.samplers.TPESampler)
@@ -403,7 +407,8 @@ def test_run_records_winners_and_writes_the_table(tmp_path):
                         evaluator=ev, progress=False, max_configs=10)
     assert isinstance(report, TuningReport) and report.timed
     assert len(report.results) == 4 and len(ev.calls) == 4 * 6
-    assert len(set(ev.prepared)) == len(ev.prepared) == 20  # 10 tiles x 2 epilogues, once
+    # 10 tiles and 4 gemv kernels x 2 epilogues, each once.
+    assert len(set(ev.prepared)) == len(ev.prepared) == 28
     for r in report.results:
         timed = [(fake_ms(n, s, t), n) for n, s, t in ev.calls if (s, t) == (r.stage, r.bucket)]
         assert r.winner.name == min(timed)[1]
@@ -417,6 +422,21 @@ def test_run_records_winners_and_writes_the_table(tmp_path):
     assert report.result("up", 64).winner.name in text and "x dflt" in text
     png = plot_report(report, tmp_path / "plot" / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gemv_is_skipped_where_it_would_stream_the_weights_again(tmp_path):
+    ev = StandIn()
+    run_tuning(PROBLEM, stages=["fc2"], buckets=[1, 64], trials=16, evaluator=ev,
+               progress=False, max_configs=12)
+    gemv = {c.name for c in gemv_configs()}
+    timed = {(n, t) for n, _, t in ev.calls}
+    assert all((n, 1) in timed for n in gemv)  # one row per pass: timed
+    assert not any((n, 64) in timed for n in gemv)  # 16 to 64 passes: skipped
+    study = _studies(_storage(_journal(tmp_path)))[("fc2", 64)]
+    skipped = [t for t in study.trials if t.user_attrs.get("outcome") == "skipped"]
+    assert {t.user_attrs["config"] for t in skipped} == gemv
+    assert all("stream the weights" in t.user_attrs["skip_reason"] for t in skipped)
+    assert sum(t.user_attrs.get("outcome") == "timed" for t in study.trials) == 12
 
 
 def test_default_config_is_measured_first():
@@ -433,8 +453,8 @@ def test_failures_are_recorded_and_never_selected(tmp_path):
     fastest, second, third = (n for _, n in times[:3])
     ev = StandIn(compile_fail=frozenset({fastest}), wrong=frozenset({second}),
                  crash=frozenset({third}))
-    report = run_tuning(PROBLEM, stages=["down"], buckets=[16], trials=10, evaluator=ev,
-                        progress=False, max_configs=10)
+    report = run_tuning(PROBLEM, stages=["down"], buckets=[16], trials=len(space.configs),
+                        evaluator=ev, progress=False, max_configs=10)
     r = report.result("down", 16)
     assert r.winner.name == times[3][1]
     kinds = {name: (kind, msg) for name, kind, msg in r.failures}
