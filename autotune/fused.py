@@ -1,8 +1,8 @@
 """The CUTLASS forward of the latent MoE layer, with the latent projections fused in.
 
 Built for sm90 and checked there against the oracle; the same pipeline runs the sm80/sm89 and
-sm100 kernels (the GEMMs share one C ABI), which :data:`VERIFIED_ARCHS` keeps out of
-``backend="auto"`` until they have been checked on such GPUs.
+sm100 kernels (the GEMMs share one C ABI). :data:`VERIFIED_ARCHS` keeps the sm100 ones out of
+``backend="auto"`` until they have been checked on such a GPU.
 
 Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 
@@ -36,9 +36,11 @@ from .space import SM80_ARCHS, RoutingConfig, TileOrder, invalid_reason
 from .workload import PLAN_FIELD, PLAN_INDEX, Plan, arch_counterpart, default_plan, stages_of
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-# Where the fused forward has run against the oracle on a GPU of that architecture:
-# backend="auto" picks the CUTLASS path only there (backend="cutlass" runs it everywhere).
-VERIFIED_ARCHS = ("sm90",)
+# Whose kernels have run the fused forward against the oracle: backend="auto" picks the CUTLASS
+# path only there (backend="cutlass" runs it everywhere). sm90 on an H200; sm80 and sm89 on an
+# H200 too, through the PTX their libraries embed (the driver JIT-compiles the same PTX that
+# ptxas turns into A100/L40S code). sm100 has only been compiled.
+VERIFIED_ARCHS = ("sm90", "sm80", "sm89")
 
 
 def _default_plan(problem: LatentMoEProblem, tokens: int, arch: str) -> Plan:

@@ -58,9 +58,10 @@ def test_unsupported_reason_by_device_and_arch(capability, cap, arch, fragment):
 
 
 def test_auto_keeps_unverified_archs_on_the_reference(capability):
-    capability((8, 0))
+    capability((10, 0))
     reason = fused.unverified_reason(CUDA0)
-    assert "sm80" in reason and "backend='cutlass' runs it" in reason
-    capability((9, 0))
-    assert fused.unverified_reason(CUDA0) is None
+    assert "sm100" in reason and "backend='cutlass' runs it" in reason
+    for verified in ((9, 0), (8, 0), (8, 9)):
+        capability(verified)
+        assert fused.unverified_reason(CUDA0) is None
     assert fused.unverified_reason(torch.device("cpu")) is None
