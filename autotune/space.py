@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, replace
+from typing import TypeVar
 
 from .arch import get_arch
 from .problem import LatentMoEProblem
@@ -39,22 +40,27 @@ _MIN_STAGES = 2
 _MAX_CLUSTER = 8
 
 
+_Config = TypeVar("_Config", bound="_GemmConfig")
+
+
+class _GemmConfig:
+    """What every grouped-GEMM config class shares: its stored form (the dataclass fields) and
+    the epilogue swap. Subclasses are frozen dataclasses with an ``epilogue`` field."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_epilogue(self: _Config, epilogue: str) -> _Config:
+        return replace(self, epilogue=epilogue)
+
+    @classmethod
+    def from_dict(cls: type[_Config], d: dict) -> _Config:
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class KernelConfig:
-    """One sm90 ptr-array grouped-GEMM variant.
-
-    The GEMM is ``D_g = A_g @ B_g^T`` per group g, A [M_g, K] and B [N_g, K] and D [M_g, N_g] all
-    row-major. ``swap_ab`` computes ``D_g^T = B_g @ A_g^T`` instead, so that a group with few
-    rows (few tokens per expert) lands on the tile's N side, where wgmma allows small extents.
-    Tile and cluster refer to the GEMM the kernel actually runs (after the swap). ``epilogue`` is
-    one of :data:`EPILOGUES`; the search space enumerates "identity" and each pipeline stage sets
-    its own kind with :meth:`with_epilogue`.
-
-    ``schedule`` "gemv" is the CUDA-core decode kernel (templates/gemv.cuh) instead of a CUTLASS
-    one, for groups of a few rows, where the GEMM is a weight stream: weights on the M side
-    (``swap_ab``), ``tile_m`` weight rows per work item (4 warps' worth), ``tile_n`` rows of A
-    per pass over them, ``tile_k`` 256 (one warp's 16-byte loads), no cluster.
-    """
+class _Cutlass3Config(_GemmConfig):
+    """The fields and name a CUTLASS 3.x tile config has on sm90 and sm100 alike."""
 
     tile_m: int
     tile_n: int
@@ -72,18 +78,26 @@ class KernelConfig:
         swap = "_swapab" if self.swap_ab else ""
         epi = "" if self.epilogue == "identity" else f"_{self.epilogue}"
         return (f"{self.arch}_{self.dtype}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
-                f"_c{self.cluster_m}x{self.cluster_n}_{_SCHEDULE_TAG.get(self.schedule, '?')}"
-                f"{swap}{epi}")
+                f"_c{self.cluster_m}x{self.cluster_n}_"
+                f"{_SCHEDULE_TAG.get(self.schedule, self.schedule)}{swap}{epi}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    def with_epilogue(self, epilogue: str) -> KernelConfig:
-        return replace(self, epilogue=epilogue)
+@dataclass(frozen=True)
+class KernelConfig(_Cutlass3Config):
+    """One sm90 ptr-array grouped-GEMM variant.
 
-    @classmethod
-    def from_dict(cls, d: dict) -> KernelConfig:
-        return cls(**d)
+    The GEMM is ``D_g = A_g @ B_g^T`` per group g, A [M_g, K] and B [N_g, K] and D [M_g, N_g] all
+    row-major. ``swap_ab`` computes ``D_g^T = B_g @ A_g^T`` instead, so that a group with few
+    rows (few tokens per expert) lands on the tile's N side, where wgmma allows small extents.
+    Tile and cluster refer to the GEMM the kernel actually runs (after the swap). ``epilogue`` is
+    one of :data:`EPILOGUES`; the search space enumerates "identity" and each pipeline stage sets
+    its own kind with :meth:`with_epilogue`.
+
+    ``schedule`` "gemv" is the CUDA-core decode kernel (templates/gemv.cuh) instead of a CUTLASS
+    one, for groups of a few rows, where the GEMM is a weight stream: weights on the M side
+    (``swap_ab``), ``tile_m`` weight rows per work item (4 warps' worth), ``tile_n`` rows of A
+    per pass over them, ``tile_k`` 256 (one warp's 16-byte loads), no cluster.
+    """
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
-class Sm80Config:
+class Sm80Config(_GemmConfig):
     """One sm80/sm89 CUTLASS 2.x grouped-GEMM variant: threadblock tile, warp tile, stages.
 
     Same GEMM, C ABI and epilogues as :class:`KernelConfig` (``D_g = A_g @ B_g^T``, row-major;
@@ -166,16 +180,6 @@ class Sm80Config:
         epi = "" if self.epilogue == "identity" else f"_{self.epilogue}"
         return (f"{self.arch}_{self.dtype}_{self.tb_m}x{self.tb_n}x{self.tb_k}"
                 f"_w{self.warp_m}x{self.warp_n}_s{self.stages}{epi}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def with_epilogue(self, epilogue: str) -> Sm80Config:
-        return replace(self, epilogue=epilogue)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Sm80Config:
-        return cls(**d)
 
 
 SM80_ARCHS = ("sm80", "sm89")
@@ -214,7 +218,7 @@ SM100_SCHEDULES = ("1sm", "2sm")
 
 
 @dataclass(frozen=True)
-class Sm100Config:
+class Sm100Config(_Cutlass3Config):
     """One sm100 (Blackwell, CUTLASS 3.x UMMA) ptr-array grouped-GEMM variant.
 
     Same GEMM, swap-AB meaning, epilogues and C ABI as :class:`KernelConfig`. ``schedule`` is
@@ -223,38 +227,13 @@ class Sm100Config:
     spans the CTA pair, each CTA holding ``tile_m / 2`` rows of A and ``tile_n / 2`` rows of B.
     """
 
-    tile_m: int
-    tile_n: int
-    tile_k: int
-    cluster_m: int = 1
-    cluster_n: int = 1
     schedule: str = "1sm"
-    swap_ab: bool = False
-    epilogue: str = "identity"
-    dtype: str = "bf16"
     arch: str = "sm100"
-
-    @property
-    def name(self) -> str:
-        swap = "_swapab" if self.swap_ab else ""
-        epi = "" if self.epilogue == "identity" else f"_{self.epilogue}"
-        return (f"{self.arch}_{self.dtype}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
-                f"_c{self.cluster_m}x{self.cluster_n}_{self.schedule}{swap}{epi}")
 
     @property
     def mma_ctas(self) -> int:
         """CTAs that share one MMA: 2 for "2sm", else 1."""
         return 2 if self.schedule == "2sm" else 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def with_epilogue(self, epilogue: str) -> Sm100Config:
-        return replace(self, epilogue=epilogue)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Sm100Config:
-        return cls(**d)
 
 
 # Shared memory the sm100 kernel keeps outside the epilogue and the mainloop stages: pipeline
@@ -485,17 +464,14 @@ def search_space(arch: str = "sm90", problem: LatentMoEProblem | None = None,
             if valid(c, problem):
                 out.append(c)
         return out
-    if arch == "sm100":
-        for tm, tn, tk, (cm, cn), sched, swap in itertools.product(*_SM100_AXES.values()):
-            c = Sm100Config(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
-            if valid(c, problem):
-                out.append(c)
-        return out
-    for tm, tn, tk, (cm, cn), sched, swap in itertools.product(*_AXES.values()):
-        c = KernelConfig(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
+    cls, axes = (Sm100Config, _SM100_AXES) if arch == "sm100" else (KernelConfig, _AXES)
+    for tm, tn, tk, (cm, cn), sched, swap in itertools.product(*axes.values()):
+        c = cls(tm, tn, tk, cm, cn, sched, swap, "identity", dtype, arch)
         if valid(c, problem):
             out.append(c)
-    return out + [c for c in gemv_configs(dtype) if valid(c, problem)]
+    if arch == "sm90":
+        out += [c for c in gemv_configs(dtype) if valid(c, problem)]
+    return out
 
 
 # The decode kernels the tuner tries beside the tensor-core tiles: 8 or 16 weight rows per item,
