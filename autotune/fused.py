@@ -33,7 +33,7 @@ from .cache import tuned_table
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
 from .space import SM80_ARCHS, RoutingConfig, TileOrder, invalid_reason
-from .workload import PLAN_FIELD, PLAN_INDEX, Plan, arch_counterpart, default_plan, stages_of
+from .workload import PLAN_FIELD, PLAN_INDEX, Plan, default_plan, stages_of
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Whose kernels have run the fused forward against the oracle: backend="auto" picks the CUTLASS
@@ -43,20 +43,12 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 VERIFIED_ARCHS = ("sm90", "sm80", "sm89")
 
 
-def _default_plan(problem: LatentMoEProblem, tokens: int, arch: str) -> Plan:
-    plan = default_plan(problem, tokens)
-    if arch == "sm90":
-        return plan
-    return replace(plan, **{f: arch_counterpart(getattr(plan, f), arch)
-                            for f in PLAN_FIELD.values()})
-
-
 def tuned_plan(problem: LatentMoEProblem, tokens: int, arch: str = "sm90") -> Plan:
     """The configs and tile orders for ``tokens`` on ``arch``: the tuned table's winners where
     one applies (looked up once per process), the default tiers elsewhere (one warning names the
     tune command)."""
     table = tuned_table(problem, arch)
-    plan = _default_plan(problem, tokens, arch)
+    plan = default_plan(problem, tokens, arch)
     orders = list(plan.orders)
     for s in stages_of(problem):
         orders[PLAN_INDEX[s]] = table.order_for(s, tokens)
@@ -94,7 +86,7 @@ def unsupported_reason(problem: LatentMoEProblem, device: torch.device,
     if problem.dtype not in ("bfloat16", "float16"):
         return f"dtype {problem.dtype} has no kernels (bfloat16 and float16 do)"
     routing = RoutingConfig(_DTYPE_NAMES[_torch_dtype(problem.dtype)], arch)
-    for config in [*_default_plan(problem, 1, arch).configs(), routing]:
+    for config in [*default_plan(problem, 1, arch).configs(), routing]:
         reason = invalid_reason(config, problem)
         if reason:
             return reason

@@ -2,8 +2,8 @@
 
 Dispatch is one small function, :func:`_select_backend`: ``"cutlass"`` runs the fused CUTLASS
 pipeline of :mod:`autotune.fused`, ``"reference"`` the fp32 oracle of :mod:`autotune.reference`,
-and ``"auto"`` the former where it can run and has been checked (sm90 so far) and the latter
-elsewhere, with one logged reason.
+and ``"auto"`` the former where it can run and has been checked (``fused.VERIFIED_ARCHS``) and
+the latter elsewhere, with one logged reason.
 
 The pure-tensor path (projections ``None`` or weight tensors, no hook) is one opaque
 ``torch.library`` custom op, ``autotune::latent_moe``, with a fake (meta) implementation, so

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -221,8 +221,9 @@ class Plan:
         return [self.router, self.up, self.down, self.fc2]
 
 
-def default_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
-    """The untuned, always-valid configs of the pipeline for ``tokens`` tokens.
+def default_plan(problem: LatentMoEProblem, tokens: int, arch: str = "sm90") -> Plan:
+    """The untuned, always-valid configs of the pipeline for ``tokens`` tokens on ``arch``: the
+    sm90 tiers below, or on sm100 and sm80/sm89 their :func:`arch_counterpart`.
 
     Requirements
     ------------
@@ -239,14 +240,20 @@ def default_plan(problem: LatentMoEProblem, tokens: int) -> Plan:
         dense = grouped = KernelConfig(128, 256, 64, 1, 1, _COOP, dtype=dt)
         router = KernelConfig(128, 128, 64, 1, 1, _COOP, dtype=dt)
     up = grouped.with_epilogue("relu2" if problem.activation == "relu2" else "identity")
-    return Plan(router=router.with_epilogue("f32"), up=up, down=grouped, fc2=dense)
+    plan = Plan(router=router.with_epilogue("f32"), up=up, down=grouped, fc2=dense)
+    if arch == "sm90":
+        return plan
+    return replace(plan, **{f: arch_counterpart(getattr(plan, f), arch)
+                            for f in PLAN_FIELD.values()})
 
 
-def all_default_configs(problem: LatentMoEProblem) -> list[KernelConfig]:
-    """Every config :func:`default_plan` can pick for ``problem`` (to build ahead of time)."""
-    seen: dict[str, KernelConfig] = {}
+def all_default_configs(problem: LatentMoEProblem, arch: str = "sm90"
+                        ) -> list[KernelConfig | Sm80Config | Sm100Config]:
+    """Every config :func:`default_plan` can pick for ``problem`` on ``arch`` (to build ahead of
+    time)."""
+    seen: dict[str, KernelConfig | Sm80Config | Sm100Config] = {}
     for tokens in (_SMALL, _MID, _MID + 1):
-        for c in default_plan(problem, tokens).configs():
+        for c in default_plan(problem, tokens, arch).configs():
             seen[c.name] = c
     return list(seen.values())
 
@@ -303,8 +310,8 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
     """The untuned config of ``stage`` at ``tokens`` tokens: the layer's own default.
 
     Taken from :func:`default_plan`, so "speedup over the default config" is
-    measured against what the layer runs when nothing is tuned. On sm100 and sm80/sm89 it is
-    the :func:`sm100_counterpart` or :func:`sm80_counterpart` of the sm90 default.
+    measured against what the layer runs when nothing is tuned (on sm100 and sm80/sm89 the
+    counterpart of the sm90 default).
 
     Requirements
     ------------
@@ -314,9 +321,8 @@ def default_config(problem: LatentMoEProblem, stage: str, tokens: int,
         raise ValueError(f"tokens must be an int >= 0, got {tokens!r}")
     check_stage(problem, stage)
     config_dtype(problem)
-    config = getattr(default_plan(problem, tokens), PLAN_FIELD[stage])
-    epilogue = stage_epilogue(problem, stage)
-    return arch_counterpart(config.with_epilogue(epilogue), arch)
+    config = getattr(default_plan(problem, tokens, arch), PLAN_FIELD[stage])
+    return config.with_epilogue(stage_epilogue(problem, stage))
 
 
 def default_tier_configs(problem: LatentMoEProblem, stage: str,

@@ -15,7 +15,7 @@ from autotune.build import build
 from autotune.cache import tuned_table
 from autotune.problem import PRESETS
 from autotune.space import KernelConfig, RoutingConfig, default_configs, gemv_configs
-from autotune.workload import all_default_configs, arch_counterpart, stages_of
+from autotune.workload import all_default_configs, stages_of
 
 
 def wanted(fp16: bool = True) -> list:
@@ -30,8 +30,7 @@ def wanted(fp16: bool = True) -> list:
                 configs.append(KernelConfig.from_dict(table.entries[stage][bucket].winner.config))
     # The GPU tests also run the sm80/sm89 kernels (their PTX) and every epilogue kind of one tile.
     for p in PRESETS.values():
-        configs += [arch_counterpart(c, arch) for c in all_default_configs(p)
-                    for arch in ("sm80", "sm89")]
+        configs += [c for arch in ("sm80", "sm89") for c in all_default_configs(p, arch)]
     for c in (default_configs("sm90")[0], default_configs("sm80")[0]):
         configs += [c.with_epilogue(e) for e in ("relu2", "f32")]
     configs += [c.with_epilogue(e) for c in gemv_configs() for e in ("identity", "relu2", "f32")]

@@ -31,7 +31,7 @@ def capability(monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 300, 8192])
 def test_default_plan_takes_the_arch_kernels_with_the_stage_epilogues(arch, cls, tokens):
     # What tuned_plan falls back to where no table applies.
-    plan = fused._default_plan(SUPER, tokens, arch)
+    plan = default_plan(SUPER, tokens, arch)
     assert all(isinstance(c, cls) and c.arch == arch and valid(c, SUPER)
                for c in plan.configs())
     assert (plan.router.epilogue, plan.up.epilogue, plan.down.epilogue,
@@ -39,7 +39,7 @@ def test_default_plan_takes_the_arch_kernels_with_the_stage_epilogues(arch, cls,
 
 
 def test_sm90_default_plan_is_the_layer_default():
-    assert fused._default_plan(SUPER, 64, "sm90") == default_plan(SUPER, 64)
+    assert default_plan(SUPER, 64, "sm90") == default_plan(SUPER, 64)
 
 
 @pytest.mark.parametrize("cap,arch,fragment", [
