@@ -357,9 +357,9 @@ class TunedTable:
                       entry.winner.name, self.source, reason, default.name)
             return default, DEFAULT_ORDER
         order = TileOrder.from_tag(entry.order)
-        if order not in tile_orders(self.arch):
+        if order not in tile_orders(config):
             warn_once(f"order:{self.key}:{entry.order}", "tile order %s in %s is not one %s "
-                      "takes; using the default", entry.order, self.source, self.arch)
+                      "takes; using the default", entry.order, self.source, config.name)
             order = DEFAULT_ORDER
         return config, order
 

@@ -136,11 +136,14 @@ TILE_ORDERS = tuple(TileOrder(r, s) for r in ("m", "n") for s in (1, 2, 4, 8))
 DEFAULT_ORDER = TileOrder()
 
 
-def tile_orders(arch: str) -> tuple[TileOrder, ...]:
-    """The tile orders ``arch``'s kernels take at launch: all of :data:`TILE_ORDERS` on sm90 and
-    sm100 (CUTLASS 3.x group tile scheduler arguments); the default alone where the swizzle is
-    compiled in (CUTLASS 2.x on sm80/sm89)."""
-    return TILE_ORDERS if arch in ("sm90", "sm100") else (DEFAULT_ORDER,)
+def tile_orders(config: KernelConfig | Sm80Config | Sm100Config) -> tuple[TileOrder, ...]:
+    """The tile orders ``config``'s kernel takes at launch: all of :data:`TILE_ORDERS` for the
+    CUTLASS 3.x kernels of sm90 and sm100 (group tile scheduler arguments); the default alone
+    for the CUTLASS 2.x ones of sm80/sm89, which compile their swizzle in, and for the gemv
+    kernels, whose work items are rows of weights with no 2-D tile grid to reorder."""
+    if isinstance(config, _Cutlass3Config) and not is_gemv(config):
+        return TILE_ORDERS
+    return (DEFAULT_ORDER,)
 
 
 @dataclass(frozen=True)

@@ -1026,8 +1026,6 @@ def _tiles_both_ways(problem: LatentMoEProblem, stage: str, tokens: int,
     """Whether a typical group of ``stage`` at ``tokens`` tokens spans at least two output
     tiles along both M and N of the GEMM ``config`` runs (after a swap-AB): only then does the
     order in which CTAs walk the tiles change which operand tiles they share in L2."""
-    if is_gemv(config):
-        return False  # its work items are rows of weights, with no 2-D tile grid to reorder
     shape = stage_shape(problem, stage)
     rows = _rows_per_group(problem, stage, tokens)
     m, n = (shape.n, rows) if config.swap_ab else (rows, shape.n)
@@ -1037,13 +1035,14 @@ def _tiles_both_ways(problem: LatentMoEProblem, stage: str, tokens: int,
 def _order_study(run: _Run, stage: str, bucket: int, result: BucketResult
                  ) -> tuple[optuna.Study, StageSpace] | None:
     """The tile-order study of a bucket's winner, created and queued with every order and with
-    the default config at the default order beside them; None when orders cannot matter (one
-    order on this arch, or a one-tile-wide grid)."""
-    orders = tile_orders(run.arch)
+    the default config at the default order beside them; None when orders cannot matter (the
+    winner's kernel takes one order, or its grid is one tile wide)."""
     by_name = run.spaces[stage].by_name
     config = by_name.get(result.winner.name)
-    if len(orders) < 2 or config is None or not _tiles_both_ways(run.problem, stage, bucket,
-                                                                   config):
+    if config is None:
+        return None
+    orders = tile_orders(config)
+    if len(orders) < 2 or not _tiles_both_ways(run.problem, stage, bucket, config):
         return None
     default = by_name.get(result.default_name)
     configs = (config,) if default in (None, config) else (config, default)

@@ -162,9 +162,11 @@ def test_tile_orders_round_trip_their_tags_and_abi():
     for bad in ("m3", "x1", "", "n", 4, "m1x"):
         with pytest.raises(ValueError, match="tile order"):
             TileOrder.from_tag(bad)
-    assert tile_orders("sm90") == tile_orders("sm100") == TILE_ORDERS
-    # CUTLASS 2.x compiles its threadblock swizzle in: the default order only.
-    assert tile_orders("sm80") == tile_orders("sm89") == (DEFAULT_ORDER,)
+    assert (tile_orders(default_configs("sm90")[0]) == tile_orders(default_configs("sm100")[0])
+            == TILE_ORDERS)
+    # CUTLASS 2.x compiles its threadblock swizzle in, gemv has no tile grid: the default only.
+    assert (tile_orders(default_configs("sm80")[0]) == tile_orders(default_configs("sm89")[0])
+            == tile_orders(gemv_configs()[0]) == (DEFAULT_ORDER,))
 
 
 @pytest.mark.parametrize("config,name", [
