@@ -124,7 +124,7 @@ def _compile(args, arch, problem) -> int:
     print(f"rendered {len(space)} {arch} configs into the generated sources folder")
     if args.render_only:
         return 0
-    if arch == "sm90" and not args.configs:
+    if not args.configs:
         # The fused forward's routing kernels: a prebuilt cache then serves the layer's first
         # forward without nvcc.
         chosen = [*chosen, RoutingConfig(config_dtype(problem), arch)]

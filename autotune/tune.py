@@ -1497,7 +1497,7 @@ class GpuEvaluator:
                 ) -> dict[str, str | None]:
         """Build every config (cached ones are reused); name -> None or the compile log.
 
-        On sm90 the routing library of the problem's dtype is built in the same pool: the
+        The routing library of the problem's dtype and arch is built in the same pool: the
         layer needs it beside the tuned GEMMs, so a tuned cache serves the first forward without
         nvcc."""
         from .build import build
@@ -1508,12 +1508,11 @@ class GpuEvaluator:
             if on_done is not None and r.config.name in names:
                 on_done(r.config.name, None if r.ok else (r.log or r.status))
 
-        # Only sm90 has the fused forward that uses the routing library.
-        routing = [RoutingConfig(config_dtype(self.problem), self.arch)] * (self.arch == "sm90")
-        results = build([*configs, *routing], jobs=jobs, on_done=report)
-        if routing and not results[-1].ok:
+        routing = RoutingConfig(config_dtype(self.problem), self.arch)
+        results = build([*configs, routing], jobs=jobs, on_done=report)
+        if not results[-1].ok:
             log.warning("building %s failed; the layer will retry on first use:\n%s",
-                        routing[0].name, results[-1].log or results[-1].status)
+                        routing.name, results[-1].log or results[-1].status)
         return {r.config.name: None if r.ok else (r.log or "build failed")
                 for r in results if r.config.name in names}
 

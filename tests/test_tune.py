@@ -910,7 +910,9 @@ def test_sm100_configs_are_tuned_and_looked_up_like_sm90():
     assert config.name == report.result("fc1", 1024).winner.name
 
 
-def test_gpu_evaluator_on_sm100_builds_no_routing_library(monkeypatch):
+def test_gpu_evaluator_on_sm100_builds_the_sm100_routing_library(monkeypatch):
+    # The fused forward runs on sm100 kernels too (backend="cutlass"): its routing library
+    # is built beside the tuned GEMMs, and only the GEMMs are reported.
     import autotune.build as build_mod
 
     seen = []
@@ -922,7 +924,7 @@ def test_gpu_evaluator_on_sm100_builds_no_routing_library(monkeypatch):
     monkeypatch.setattr(build_mod, "build", fake_build)
     config = Sm100Config(128, 128, 64)
     assert tune.GpuEvaluator(PROBLEM, "sm100").prepare([config]) == {config.name: None}
-    assert seen == [config.name]
+    assert seen == [config.name, "sm100_bf16_moe_routing"]
 
 
 def test_sm80_configs_are_tuned_with_their_own_axes():
