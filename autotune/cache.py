@@ -35,6 +35,8 @@ from .problem import PRESETS, LatentMoEProblem
 from .space import (
     DEFAULT_ORDER,
     KernelConfig,
+    Sm80Config,
+    Sm100Config,
     TileOrder,
     config_from_dict,
     invalid_reason,
@@ -293,6 +295,12 @@ class TunedTable:
     def buckets(self, stage: str) -> tuple[int, ...]:
         """Tuned token buckets of ``stage``, ascending (empty when untuned)."""
         return tuple(sorted(self.entries.get(stage, {})))
+
+    def winners(self) -> list[KernelConfig | Sm80Config | Sm100Config]:
+        """The stored winners' configs, once each (what to build ahead of time)."""
+        configs = (config_from_dict(e.winner.config) for per in self.entries.values()
+                   for e in per.values())
+        return list({c.name: c for c in configs}.values())
 
     def config_for(self, stage: str, tokens: int) -> KernelConfig:
         """The config to run ``stage`` with at ``tokens`` tokens.

@@ -15,38 +15,37 @@ import argparse
 import json
 from pathlib import Path
 
-from autotune.space import DEFAULT_ORDER
+from autotune.cache import BucketEntry, TunedTable
 
 NOISE = 0.03  # relative gap between medians below which two winners count as equally fast
 
 
-def _entries(path: Path) -> dict[tuple[str, int], dict]:
-    """(stage, bucket) -> bucket entry of a tuned-table file (autotune/cache.py's format)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {(stage, int(bucket)): entry for stage, per in data["stages"].items()
+def _entries(path: Path) -> dict[tuple[str, int], BucketEntry]:
+    """(stage, bucket) -> bucket entry of a tuned-table file, under any file name."""
+    table = TunedTable.from_json(json.loads(path.read_text(encoding="utf-8")), source=path)
+    return {(stage, bucket): entry for stage, per in table.entries.items()
             for bucket, entry in per.items()}
 
 
-def _winner(entry: dict) -> str:
-    # Tables written before tile orders were tuned ran the default order.
-    return f"{entry['winner']['name']}@{entry.get('order', DEFAULT_ORDER.tag)}"
+def _winner(entry: BucketEntry) -> str:
+    return f"{entry.winner.name}@{entry.order}"
 
 
-def _within_noise(a: dict, b: dict) -> bool:
-    ma, mb = a["median_ms"], b["median_ms"]
-    return (abs(ma - mb) <= NOISE * min(ma, mb) or a["p20_ms"] <= mb <= a["p80_ms"]
-            or b["p20_ms"] <= ma <= b["p80_ms"])
+def _within_noise(a: BucketEntry, b: BucketEntry) -> bool:
+    ma, mb = a.median_ms, b.median_ms
+    return (abs(ma - mb) <= NOISE * min(ma, mb) or a.p20_ms <= mb <= a.p80_ms
+            or b.p20_ms <= ma <= b.p80_ms)
 
 
-def _own_gap(entry: dict, other_winner: str) -> str:
+def _own_gap(entry: BucketEntry, other_winner: str) -> str:
     """This run's own time of the other run's winner, when it was this run's runner-up."""
-    runner = entry.get("runner_up") or {}
-    if runner.get("name") != other_winner or not entry.get("runner_up_ms"):
+    if entry.runner_up is None or entry.runner_up.name != other_winner or not entry.runner_up_ms:
         return ""
-    return f" (it timed the other's winner {entry['runner_up_ms'] / entry['median_ms'] - 1:+.1%})"
+    return f" (it timed the other's winner {entry.runner_up_ms / entry.median_ms - 1:+.1%})"
 
 
-def compare(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict]) -> list[str]:
+def compare(a: dict[tuple[str, int], BucketEntry],
+            b: dict[tuple[str, int], BucketEntry]) -> list[str]:
     """The report lines for two tables' entries."""
     lines, counts = [], {"same": 0, "noise": 0, "differ": 0}
     for key in sorted(a.keys() | b.keys()):
@@ -58,17 +57,15 @@ def compare(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict]) -> l
         ea, eb = a[key], b[key]
         if _winner(ea) == _winner(eb):
             counts["same"] += 1
-            lines.append(f"{head} same    {_winner(ea)}  {ea['median_ms']:.4f} vs "
-                         f"{eb['median_ms']:.4f} ms")
+            lines.append(f"{head} same    {_winner(ea)}  {ea.median_ms:.4f} vs "
+                         f"{eb.median_ms:.4f} ms")
             continue
         noise = _within_noise(ea, eb)
         counts["noise" if noise else "differ"] += 1
         lines.append(f"{head} {'noise ' if noise else 'DIFFER'}  "
-                     f"A {_winner(ea)} {ea['median_ms']:.4f} ms"
-                     f"{_own_gap(ea, eb['winner']['name'])}  |  "
-                     f"B {_winner(eb)} {eb['median_ms']:.4f} ms"
-                     f"{_own_gap(eb, ea['winner']['name'])}  "
-                     f"gap {eb['median_ms'] / ea['median_ms'] - 1:+.1%}")
+                     f"A {_winner(ea)} {ea.median_ms:.4f} ms{_own_gap(ea, eb.winner.name)}  |  "
+                     f"B {_winner(eb)} {eb.median_ms:.4f} ms{_own_gap(eb, ea.winner.name)}  "
+                     f"gap {eb.median_ms / ea.median_ms - 1:+.1%}")
     lines.append(f"{counts['same']} same winners, {counts['noise']} different within noise "
                  f"(<= {NOISE:.0%} or inside p20-p80), {counts['differ']} different beyond it")
     return lines

@@ -27,19 +27,14 @@ from autotune.cache import tuned_table
 from autotune.problem import preset
 from autotune.runtime import load, load_routing
 from autotune.space import KernelConfig, RoutingConfig
-from autotune.workload import all_default_configs, stages_of
+from autotune.workload import all_default_configs
 
 
 def _configs() -> dict[str, KernelConfig]:
     """The Super preset's default configs and its tuned table's winners, by name."""
     problem = preset("nemotron-3-super")
-    table = tuned_table(problem, "sm90")
-    configs = {c.name: c for c in all_default_configs(problem)}
-    for stage in stages_of(problem):
-        for bucket in table.buckets(stage):
-            c = KernelConfig.from_dict(table.entries[stage][bucket].winner.config)
-            configs[c.name] = c
-    return configs
+    configs = [*all_default_configs(problem), *tuned_table(problem, "sm90").winners()]
+    return {c.name: c for c in configs}
 
 
 def main() -> int:

@@ -14,8 +14,8 @@ import time
 from autotune.build import build
 from autotune.cache import tuned_table
 from autotune.problem import PRESETS
-from autotune.space import KernelConfig, RoutingConfig, default_configs, gemv_configs
-from autotune.workload import all_default_configs, stages_of
+from autotune.space import RoutingConfig, default_configs, gemv_configs
+from autotune.workload import all_default_configs
 
 
 def wanted(fp16: bool = True) -> list:
@@ -24,10 +24,7 @@ def wanted(fp16: bool = True) -> list:
         for variant in (p, p.with_(activation="swiglu")) + ((p.with_(dtype="float16"),)
                                                             if fp16 else ()):
             configs += all_default_configs(variant)
-        table = tuned_table(p, "sm90")
-        for stage in stages_of(p):
-            for bucket in table.buckets(stage):
-                configs.append(KernelConfig.from_dict(table.entries[stage][bucket].winner.config))
+        configs += tuned_table(p, "sm90").winners()
     # The GPU tests also run the sm80/sm89 kernels (their PTX) and every epilogue kind of one tile.
     for p in PRESETS.values():
         configs += [c for arch in ("sm80", "sm89") for c in all_default_configs(p, arch)]

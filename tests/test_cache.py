@@ -205,6 +205,10 @@ def test_lookup_order_config_dir_then_user_cache_then_shipped(tmp_path, monkeypa
     assert find_table(key) is None
 
 
+def test_winners_lists_each_stored_config_once():
+    assert [c.name for c in _table().winners()] == [UP_A.name, UP_B.name, DOWN.name]
+
+
 def test_config_for_picks_smallest_bucket_at_least_tokens_and_clamps(tmp_path):
     write_table(_table(), tmp_path / "cache" / "tuned")
     t = tuned_table(PROBLEM, "sm90", DEVICE)
