@@ -14,6 +14,8 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 3. offsets kernel: prefix sums, compacted per-group shapes and pointer arrays of both grouped
    GEMMs (active experts first).
 4. gather: each (token, j) pair's row of fc1's output, converted to bf16, at its sorted place.
+   Up to 16 tokens, steps 2-4 are one single-block kernel (decode: their launches, not their
+   work, were most of the routing time).
 5. grouped GEMM 1 with relu2 in its epilogue (SwiGLU: plain GEMM, then a SwiGLU kernel).
 6. grouped GEMM 2.
 7. combine: routing-weighted sum over the top-k in fp32, fixed order (deterministic).
@@ -198,11 +200,6 @@ class FusedLatentMoE:
         counts, slot = new(e, dtype=torch.int32), new(t, k, dtype=torch.int32)
         hi_col = self.fc1_rows
         lo_col = hi_col + e if self.has_lo else -1
-        self.routing("route", cat, cat.shape[1], hi_col, lo_col, self.bias, t, e, k, p.n_group,
-                     p.topk_group, int(p.scoring == "softmax"), int(p.norm_topk_prob),
-                     float(p.routed_scaling_factor), ids, weights, counts, slot)
-        if topk_ids_hook is not None:
-            topk_ids_hook(ids.long())
         rows = t * k
         a1, h1 = new(rows, width), new(rows, up_rows)
         h2 = h1 if p.activation == "relu2" else new(rows, inter)
@@ -210,15 +207,16 @@ class FusedLatentMoE:
         start = new(e, dtype=torch.int32)
         mnk1, mnk2 = new(e, 3, dtype=torch.int32), new(e, 3, dtype=torch.int32)
         ptrs1, ptrs2 = new(3, e, dtype=torch.int64), new(3, e, dtype=torch.int64)
-        self.routing("offsets", counts, e, start, mnk1, ptrs1, mnk2, ptrs2, a1, self.up, h1, h2,
-                     self.down, y2, width, up_rows, inter)
         row_of = new(rows, dtype=torch.int32)
-        if self.fc1_rows:
-            self.routing("gather_f32", cat, cat.shape[1], t, k, width, ids, slot, start, a1,
-                         row_of)
-        else:
-            src = x if xe is None else xe.contiguous()
-            self.routing("gather", src, src.shape[1], t, k, width, ids, slot, start, a1, row_of)
+        # The experts' input: fc1's fp32 columns of the router GEMM, else x or the caller's.
+        src, src_f32 = (cat, 1) if self.fc1_rows else (x if xe is None else xe.contiguous(), 0)
+        self.routing("route_gather", cat, cat.shape[1], hi_col, lo_col, self.bias, t, e, k,
+                     p.n_group, p.topk_group, int(p.scoring == "softmax"),
+                     int(p.norm_topk_prob), float(p.routed_scaling_factor), ids, weights, counts,
+                     slot, start, mnk1, ptrs1, mnk2, ptrs2, a1, self.up, h1, h2, self.down, y2,
+                     width, up_rows, inter, src, src.shape[1], src_f32, row_of)
+        if topk_ids_hook is not None:
+            topk_ids_hook(ids.long())
         up.run(mnk1, ptrs1[0], ptrs1[1], ptrs1[2], o_up)
         if "relu2" in self.unfused and p.activation == "relu2":
             h1.relu_().square_()

@@ -25,27 +25,33 @@ from test_fused_gpu import fused, make_weights  # noqa: E402
 from autotune.bench import time_graph  # noqa: E402
 from autotune.problem import preset  # noqa: E402
 
-_STAGES = ("route_kernel", "offsets_kernel", "gather_kernel", "swiglu_kernel", "combine_kernel",
-           "fill_group_arguments", "fill_dense_arguments")
+_STAGES = ("route_gather_small_kernel", "route_kernel", "offsets_kernel", "gather_kernel",
+           "swiglu_kernel", "combine_kernel", "fill_group_arguments", "fill_dense_arguments")
 
 
 def _stage(name: str, order: list[str]) -> str:
     for s in _STAGES:
         if s in name:
             return s.replace("_kernel", "")
-    if "GemmUniversal" in name or "device_kernel" in name:
+    if "GemmUniversal" in name or "device_kernel" in name or "gemv" in name:
         return "gemm"
     if "memset" in name.lower() or "fill" in name.lower():
         return "memset"
     return "other"
 
 
-def profile_tokens(layer, p, tokens: int, gen) -> dict:
+def warm_inputs(layer, p, tokens: int, gen, replays: int = 20):
+    """Four random inputs of ``tokens`` rows, each run once (kernels compiled and loaded), and
+    the graph-replay timing of the layer rotating over them."""
     xs = [torch.randn(tokens, p.hidden_size, generator=gen, device="cuda").to(layer.dtype)
           for _ in range(4)]
     for x in xs:
         layer(x)
-    total = time_graph([lambda x=x: layer(x) for x in xs], replays=20)
+    return xs, time_graph([lambda x=x: layer(x) for x in xs], replays=replays)
+
+
+def profile_tokens(layer, p, tokens: int, gen) -> dict:
+    xs, total = warm_inputs(layer, p, tokens, gen)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for x in xs:
             layer(x)

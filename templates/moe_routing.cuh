@@ -21,8 +21,7 @@ namespace autotune::routing {
 
 inline thread_local char g_last_error[512] = "";
 
-inline int check_launch(const char* what) {
-  cudaError_t e = cudaGetLastError();
+inline int check_launch(const char* what, cudaError_t e = cudaGetLastError()) {
   if (e == cudaSuccess) return 0;
   std::snprintf(g_last_error, sizeof(g_last_error), "%s: %s", what, cudaGetErrorString(e));
   return 5;
@@ -97,13 +96,11 @@ __device__ void score_token(const RouteArgs& a, int t, int lane, float* score, f
 
 // DeepSeek-V3 grouped top-k: keep the topk_group groups whose score (sum of the two highest
 // biased values for sigmoid, the maximum for softmax) is largest; mask the rest to -inf.
-__device__ void mask_groups(const RouteArgs& a, int lane, float* choice) {
+// gscore and kept: the warp's scratch, kMaxGroups entries each.
+__device__ void mask_groups(const RouteArgs& a, int lane, float* choice, float* gscore,
+                            int* kept) {
   if (a.n_group <= 1) return;
   int size = a.experts / a.n_group;
-  __shared__ float gscore_all[kRouteWarps][kMaxGroups];
-  __shared__ int kept_all[kRouteWarps][kMaxGroups];
-  float* gscore = gscore_all[threadIdx.x / kWarp];
-  int* kept = kept_all[threadIdx.x / kWarp];
   for (int g = lane; g < a.n_group; g += kWarp) {
     float b1 = -INFINITY, b2 = -INFINITY;
     for (int i = 0; i < size; ++i) {
@@ -140,7 +137,9 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel(RouteArgs a) 
   float* score = smem + warp * 2 * a.experts;
   float* choice = score + a.experts;
   score_token(a, t, lane, score, choice);
-  mask_groups(a, lane, choice);
+  __shared__ float gscore[kRouteWarps][kMaxGroups];
+  __shared__ int kept[kRouteWarps][kMaxGroups];
+  mask_groups(a, lane, choice, gscore[warp], kept[warp]);
   float picked_sum = 0.f;
   for (int j = 0; j < a.top_k; ++j) {
     float v = -INFINITY;
@@ -166,21 +165,21 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel(RouteArgs a) 
 }
 
 // Register-resident variant for E <= 32 * PerLane: lane l holds experts l, l + 32, ...; each
-// top-k round is a lane-local scan plus two single-instruction warp reductions (redux.sync),
-// instead of shared-memory scans and shuffle trees. A decode step routes one token, so this
-// round latency is the kernel's whole time.
+// top-k round is a lane-local tree argmax plus two single-instruction warp reductions
+// (redux.sync), instead of shared-memory scans and shuffle trees. A decode step routes one
+// token, so this round latency is the kernel's whole time.
 __device__ inline unsigned ordered_key(float v) {
   unsigned u = __float_as_uint(v);
   // Order-preserving map of floats to unsigned; 0 is kept for padding (below -inf).
   return ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) | 1u;
 }
 
+// Token t, one warp. buf (E floats), gscore and kept (kMaxGroups each): the warp's scratch for
+// the grouped top-k, unused without groups. counts: global or shared, the pair's slot is its
+// atomicAdd there.
 template <int PerLane>
-__global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArgs a) {
-  extern __shared__ float smem[];
-  int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  int t = blockIdx.x * kRouteWarps + warp;
-  if (t >= a.tokens) return;
+__device__ void route_token_regs(const RouteArgs& a, int t, int lane, float* buf, float* gscore,
+                                 int* kept, int32_t* counts) {
   float score[PerLane], choice[PerLane];
   float mx = -INFINITY;
 #pragma unroll
@@ -206,33 +205,42 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArg
     choice[r] = c != c ? -INFINITY : c;  // NaN never wins
   }
   if (a.n_group > 1) {  // the group rule needs whole groups: go through shared memory once
-    float* buf = smem + warp * a.experts;
 #pragma unroll
     for (int r = 0; r < PerLane; ++r)
       if (lane + r * kWarp < a.experts) buf[lane + r * kWarp] = choice[r];
     __syncwarp();
-    mask_groups(a, lane, buf);
+    mask_groups(a, lane, buf, gscore, kept);
 #pragma unroll
     for (int r = 0; r < PerLane; ++r)
       if (lane + r * kWarp < a.experts) choice[r] = buf[lane + r * kWarp];
   }
+  unsigned key[PerLane];
+#pragma unroll
+  for (int r = 0; r < PerLane; ++r)
+    key[r] = lane + r * kWarp < a.experts ? ordered_key(choice[r]) : 0u;
+  const unsigned taken = ordered_key(-INFINITY);  // a picked expert ranks with the masked ones
   int my_id[2] = {0, 0};
   float my_w[2] = {0.f, 0.f}, picked = 0.f;
   for (int j = 0; j < a.top_k; ++j) {
-    int br = 0;
-    unsigned bkey = 0;
+    // Tree argmax over the lane's keys, lowest slot on ties (log2(PerLane) dependent steps
+    // where a running maximum takes PerLane).
+    unsigned tk[PerLane];
+    int tr[PerLane];
 #pragma unroll
-    for (int r = 0; r < PerLane; ++r) {
-      unsigned k = lane + r * kWarp < a.experts ? ordered_key(choice[r]) : 0u;
-      if (k > bkey) bkey = k, br = r;
-    }
-    unsigned best = __reduce_max_sync(0xffffffffu, bkey);
-    unsigned e = __reduce_min_sync(0xffffffffu, bkey == best ? unsigned(br * kWarp + lane)
-                                                              : 0xffffffffu);
+    for (int r = 0; r < PerLane; ++r) tk[r] = key[r], tr[r] = r;
+#pragma unroll
+    for (int w = 1; w < PerLane; w *= 2)
+#pragma unroll
+      for (int r = 0; r + w < PerLane; r += 2 * w)
+        if (tk[r + w] > tk[r] || (tk[r + w] == tk[r] && tr[r + w] < tr[r]))
+          tk[r] = tk[r + w], tr[r] = tr[r + w];
+    unsigned best = __reduce_max_sync(0xffffffffu, tk[0]);
+    unsigned e = __reduce_min_sync(0xffffffffu, tk[0] == best ? unsigned(tr[0] * kWarp + lane)
+                                                               : 0xffffffffu);
     float s_here = 0.f;
 #pragma unroll
     for (int r = 0; r < PerLane; ++r) {
-      if (unsigned(r * kWarp + lane) == e) s_here = score[r], choice[r] = -INFINITY;
+      if (unsigned(r * kWarp + lane) == e) s_here = score[r], key[r] = taken;
     }
     float s = __shfl_sync(0xffffffffu, s_here, e % kWarp);
     picked += s;
@@ -248,9 +256,21 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArg
     if (j < a.top_k) {
       a.topk_ids[t * a.top_k + j] = my_id[q];
       a.topk_weights[t * a.top_k + j] = my_w[q] * norm;
-      a.slot[t * a.top_k + j] = atomicAdd(a.counts + my_id[q], 1);
+      a.slot[t * a.top_k + j] = atomicAdd(counts + my_id[q], 1);
     }
   }
+}
+
+template <int PerLane>
+__global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArgs a) {
+  extern __shared__ float smem[];
+  __shared__ float gscore[kRouteWarps][kMaxGroups];
+  __shared__ int kept[kRouteWarps][kMaxGroups];
+  int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  int t = blockIdx.x * kRouteWarps + warp;
+  if (t >= a.tokens) return;
+  route_token_regs<PerLane>(a, t, lane, smem + warp * a.experts, gscore[warp], kept[warp],
+                            a.counts);
 }
 
 struct OffsetArgs {
@@ -266,14 +286,17 @@ struct OffsetArgs {
   int width, up_rows, inter, elem_bytes;
 };
 
-__global__ void __launch_bounds__(kScanThreads) offsets_kernel(OffsetArgs a) {
-  constexpr int kItems = kMaxExperts / kScanThreads;
-  using Scan = cub::BlockScan<int, kScanThreads>;
+// Starts, shapes and pointer arrays of both grouped GEMMs from the per-expert counts (global or
+// shared memory), one block of Threads threads with Items experts each. start_copy: a second
+// destination of the starts (shared memory of the fused small-T kernel), or null.
+template <int Threads, int Items>
+__device__ void write_offsets(const OffsetArgs& a, const int32_t* counts, int32_t* start_copy) {
+  using Scan = cub::BlockScan<int, Threads>;
   __shared__ typename Scan::TempStorage tmp;
-  int count[kItems], active[kItems], first[kItems], group[kItems];
-  for (int i = 0; i < kItems; ++i) {
-    int e = threadIdx.x * kItems + i;
-    count[i] = e < a.experts ? a.counts[e] : 0;
+  int count[Items], active[Items], first[Items], group[Items];
+  for (int i = 0; i < Items; ++i) {
+    int e = threadIdx.x * Items + i;
+    count[i] = e < a.experts ? counts[e] : 0;
     active[i] = count[i] > 0;
   }
   Scan(tmp).ExclusiveSum(count, first);
@@ -281,10 +304,11 @@ __global__ void __launch_bounds__(kScanThreads) offsets_kernel(OffsetArgs a) {
   int n_active = 0;
   Scan(tmp).ExclusiveSum(active, group, n_active);
   int64_t es = a.elem_bytes;
-  for (int i = 0; i < kItems; ++i) {
-    int e = threadIdx.x * kItems + i;
+  for (int i = 0; i < Items; ++i) {
+    int e = threadIdx.x * Items + i;
     if (e >= a.experts) break;
     a.start[e] = first[i];
+    if (start_copy) start_copy[e] = first[i];
     // Active experts take groups 0..n_active-1; the empty ones fill the tail with M = 0, so
     // the tile scheduler meets every real group before any empty one.
     int g = active[i] ? group[i] : n_active + (e - group[i]);
@@ -298,6 +322,10 @@ __global__ void __launch_bounds__(kScanThreads) offsets_kernel(OffsetArgs a) {
     a.ptrs2[a.experts + g] = a.w_down + int64_t(e) * a.width * a.inter * es;
     a.ptrs2[2 * a.experts + g] = a.y2 + row * a.width * es;
   }
+}
+
+__global__ void __launch_bounds__(kScanThreads) offsets_kernel(OffsetArgs a) {
+  write_offsets<kScanThreads, kMaxExperts / kScanThreads>(a, a.counts, nullptr);
 }
 
 template <class To, class From>
@@ -320,19 +348,15 @@ __device__ inline void load8(const T* p, float (&v)[8]) {
   for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(e[i]);
 }
 
-// Sorted row of every (token, j) pair, and a copy of the token's expert input there (converted
-// to the GEMM's element type: the fused router+fc1 GEMM leaves fc1's output in fp32).
+// Pair p = t * top_k + j of token t goes to sorted row `row`: record it and copy the token's
+// expert input there (converted to the GEMM's element type: the fused router+fc1 GEMM leaves
+// fc1's output in fp32). One warp.
 template <class Element, class Src>
-__global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int tokens, int top_k,
-                              int width, const int32_t* __restrict__ topk_ids,
-                              const int32_t* __restrict__ slot, const int32_t* __restrict__ start,
-                              Element* __restrict__ dst, int32_t* __restrict__ row_of) {
-  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp, lane = threadIdx.x % kWarp;
-  if (warp >= tokens * top_k) return;
-  int t = warp / top_k;
-  int row = start[topk_ids[warp]] + slot[warp];
-  if (lane == 0) row_of[warp] = row;
-  const Src* s = src + t * ld_src;
+__device__ inline void gather_pair(const Src* __restrict__ src, int64_t ld_src, int top_k,
+                                   int width, int p, int row, int lane, Element* __restrict__ dst,
+                                   int32_t* __restrict__ row_of) {
+  if (lane == 0) row_of[p] = row;
+  const Src* s = src + (p / top_k) * ld_src;
   Element* d = dst + int64_t(row) * width;
   for (int c = lane * 8; c < width; c += kWarp * 8) {
     float f[8];
@@ -342,6 +366,54 @@ __global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int t
     for (int i = 0; i < 8; ++i) v[i] = convert<Element>(f[i]);
     *reinterpret_cast<uint4*>(d + c) = *reinterpret_cast<uint4*>(v);
   }
+}
+
+template <class Element, class Src>
+__global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int tokens, int top_k,
+                              int width, const int32_t* __restrict__ topk_ids,
+                              const int32_t* __restrict__ slot, const int32_t* __restrict__ start,
+                              Element* __restrict__ dst, int32_t* __restrict__ row_of) {
+  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp, lane = threadIdx.x % kWarp;
+  if (warp >= tokens * top_k) return;
+  gather_pair(src, ld_src, top_k, width, warp, start[topk_ids[warp]] + slot[warp], lane, dst,
+              row_of);
+}
+
+// Decode: route, count, offsets and gather of up to kSmallWarps tokens in one block, one launch
+// instead of four (a memset and three kernels). At one token these launches, not their work,
+// were most of the routing time. Counts and starts live in shared memory.
+constexpr int kSmallWarps = 16;
+constexpr int kSmallThreads = kSmallWarps * kWarp;
+constexpr int kSmallExperts = 1024;  // the register top-k's bound
+
+// Dynamic shared memory: counts and starts [E] each, and per warp E + 2 * kMaxGroups words of
+// grouped top-k scratch when n_group > 1.
+inline size_t small_smem(int experts, int n_group) {
+  size_t per_warp = n_group > 1 ? size_t(experts) + 2 * kMaxGroups : 0;
+  return sizeof(int32_t) * (2 * size_t(experts) + kSmallWarps * per_warp);
+}
+
+template <int PerLane, class Element, class Src>
+__global__ void __launch_bounds__(kSmallThreads)
+route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src, int64_t ld_src,
+                          Element* __restrict__ dst, int32_t* __restrict__ row_of) {
+  extern __shared__ int32_t smem_words[];
+  int32_t* counts = smem_words;
+  int32_t* start = counts + r.experts;
+  int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int e = threadIdx.x; e < r.experts; e += kSmallThreads) counts[e] = 0;
+  __syncthreads();
+  if (warp < r.tokens) {
+    float* buf = reinterpret_cast<float*>(start + r.experts) + warp * (r.experts + 2 * kMaxGroups);
+    route_token_regs<PerLane>(r, warp, lane, buf, buf + r.experts,
+                              reinterpret_cast<int*>(buf + r.experts + kMaxGroups), counts);
+  }
+  __syncthreads();  // counts final; topk_ids and slot (global) visible to the whole block
+  write_offsets<kSmallThreads, kSmallExperts / kSmallThreads>(o, counts, start);
+  __syncthreads();
+  for (int p = warp; p < r.tokens * r.top_k; p += kSmallWarps)
+    gather_pair(src, ld_src, r.top_k, o.width, p, start[r.topk_ids[p]] + r.slot[p], lane, dst,
+                row_of);
 }
 
 // h2[r, i] = silu(h1[r, i]) * h1[r, I + i]: gated experts keep [gate; up] in one up projection.
