@@ -9,8 +9,14 @@
 //
 // Work item: kRowsPerWarp * kWarps consecutive rows of B (columns of D) of one group, all of the
 // group's rows of A, kMaxM of them per pass (more rows re-stream the item's weights once per
-// pass: correct for any M, fast for M <= kMaxM). Persistent CTAs walk the items of all non-empty
-// groups in order, so neighbouring CTAs share a group's A rows in L2.
+// pass: correct for any M, fast for M <= kMaxM). Two schedules walk the items of all non-empty
+// groups (measured on an H200 at one token, 22 of 512 experts, benchmarks/NOTES.md v6):
+// - items: persistent CTAs take items round-robin, each warp loads a K step of its rows and then
+//   does its FMAs. Best for long rows (down projection, K = 2688: 33.7 us against 36.4).
+// - span: each CTA takes one contiguous run of items, its warps interleaved over them, and every
+//   warp issues its next step's loads before the current step's FMAs, across row boundaries.
+//   Best where a row is a single step (up projection, K = 1024: 34.8 us against 38.9).
+// The tuner times both per stage (8-row configs run "items", 16- and 32-row ones "span").
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,8 +34,7 @@ namespace autotune::gemv {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kVec = 8;               // elements per 16-byte load
-constexpr int kWarpK = 32 * kVec;     // K elements one warp covers per step
-constexpr int kUnroll = 4;            // steps whose loads are issued before their FMAs
+constexpr int kWarpK = 32 * kVec;     // K elements one warp covers per load
 // Item offsets of every group live in shared memory (4 bytes per group).
 constexpr int kMaxGroups = 8192;
 
@@ -68,84 +73,155 @@ __device__ __forceinline__ Out from_float(float v) {
     return __float2half_rn(v);
 }
 
-template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue>
+// kUnroll: loads per row in one K step.
+template <class Element_, int kRowsPerWarp_, int kMaxM, int kEpilogue, int kUnroll>
 struct Gemv {
   using Element = Element_;
   using ElementD = std::conditional_t<kEpilogue == kFloat32Out, float, Element>;
+  static constexpr int kRowsPerWarp = kRowsPerWarp_;
   static constexpr int kRowsPerItem = kRowsPerWarp * kWarps;
+  static constexpr int kStepK = kUnroll * kWarpK;
+  using Loads = uint4[kUnroll][kRowsPerWarp];
+  using Acc = float[kMaxM][kRowsPerWarp];
 
-  // D[0:m, n0:n0+kRowsPerItem] of one group; a [m, k], b [n, k], d [m, n] row-major.
-  static __device__ void item(const Element* __restrict__ a, const Element* __restrict__ b,
-                              ElementD* __restrict__ d, int m, int n, int k, int n0) {
-    const int lane = threadIdx.x % 32;
-    const int row0 = n0 + (threadIdx.x / 32) * kRowsPerWarp;
-    const Element* brow[kRowsPerWarp];
+  // Loads of one K step (columns base + u * kWarpK) of the rows at brow.
+  static __device__ __forceinline__ void load(const Element* const (&brow)[kRowsPerWarp], int k,
+                                              int base, Loads& v) {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r)  // rows past n re-read row n-1 and are not stored
-      brow[r] = b + static_cast<size_t>(min(row0 + r, n - 1)) * k;
-    for (int m0 = 0; m0 < m; m0 += kMaxM) {
-      const int mc = min(kMaxM, m - m0);
-      const Element* arow = a + static_cast<size_t>(m0) * k;
-      float acc[kMaxM][kRowsPerWarp];
+    for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-      for (int i = 0; i < kMaxM; ++i)
+      for (int r = 0; r < kRowsPerWarp; ++r)
+        if (base + u * kWarpK < k) v[u][r] = load_stream(brow[r] + base + u * kWarpK);
+  }
+
+  // The FMAs of one K step against mc <= kMaxM rows of A (read through L1).
+  static __device__ __forceinline__ void fma(const Loads& v, const Element* arow, int k, int mc,
+                                             int base, Acc& acc) {
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) acc[i][r] = 0.f;
-      for (int base = lane * kVec; base < k; base += kUnroll * kWarpK) {
-        uint4 bv[kUnroll][kRowsPerWarp];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int kk = base + u * kWarpK;
+      if (kk >= k) break;
+      float bf[kRowsPerWarp][kVec];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r)
-            if (base + u * kWarpK < k) bv[u][r] = load_stream(brow[r] + base + u * kWarpK);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int kk = base + u * kWarpK;
-          if (kk >= k) break;
-          float bf[kRowsPerWarp][kVec];
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) to_float<Element>(bv[u][r], bf[r]);
-#pragma unroll
-          for (int i = 0; i < kMaxM; ++i) {
-            if (i < mc) {
-              float af[kVec];
-              to_float<Element>(__ldg(reinterpret_cast<const uint4*>(arow + i * k + kk)), af);
-#pragma unroll
-              for (int r = 0; r < kRowsPerWarp; ++r)
-#pragma unroll
-                for (int e = 0; e < kVec; ++e) acc[i][r] = fmaf(af[e], bf[r][e], acc[i][r]);
-            }
-          }
-        }
-      }
+      for (int r = 0; r < kRowsPerWarp; ++r) to_float<Element>(v[u][r], bf[r]);
 #pragma unroll
       for (int i = 0; i < kMaxM; ++i) {
         if (i < mc) {
+          float af[kVec];
+          to_float<Element>(__ldg(reinterpret_cast<const uint4*>(arow + i * k + kk)), af);
 #pragma unroll
-          for (int r = 0; r < kRowsPerWarp; ++r) {
-            float v = acc[i][r];
+          for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-            for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == 0 && row0 + r < n) {
-              if constexpr (kEpilogue == kRelu2) v = Relu2<float>()(v);
-              d[static_cast<size_t>(m0 + i) * n + row0 + r] = from_float<ElementD>(v);
-            }
-          }
+            for (int e = 0; e < kVec; ++e) acc[i][r] = fmaf(af[e], bf[r][e], acc[i][r]);
         }
+      }
+    }
+  }
+
+  // Warp-reduce the rows' sums, apply the epilogue, store rows row0 + r < row_end; zero acc.
+  static __device__ __forceinline__ void store(Acc& acc, ElementD* d, int n, int m0, int mc,
+                                               int row0, int row_end) {
+#pragma unroll
+    for (int i = 0; i < kMaxM; ++i) {
+      if (i >= mc) break;  // those accumulators stayed zero
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        float sum = acc[i][r];
+        acc[i][r] = 0.f;
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (threadIdx.x % 32 == 0 && row0 + r < row_end) {
+          if constexpr (kEpilogue == kRelu2) sum = Relu2<float>()(sum);
+          d[static_cast<size_t>(m0 + i) * n + row0 + r] = from_float<ElementD>(sum);
+        }
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < kMaxM; ++i)
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[i][r] = 0.f;
+  }
+
+  // Rows row0 .. row0 + kRowsPerWarp of B (past n: row n - 1 again, never stored).
+  static __device__ __forceinline__ void rows(const Element* b, int n, int k, int row0,
+                                              const Element* (&brow)[kRowsPerWarp]) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+      brow[r] = b + static_cast<size_t>(min(row0 + r, n - 1)) * k;
+  }
+
+  // One warp, the items schedule: D[0:m, row0:row0+kRowsPerWarp] of one group; a [m, k], b [n, k],
+  // d [m, n] row-major. Each K step's loads, then its FMAs.
+  static __device__ void item(const Element* __restrict__ a, const Element* __restrict__ b,
+                              ElementD* __restrict__ d, int m, int n, int k, int row0) {
+    const Element* brow[kRowsPerWarp];
+    rows(b, n, k, row0, brow);
+    for (int m0 = 0; m0 < m; m0 += kMaxM) {  // more rows of A re-stream the rows per pass
+      const int mc = min(kMaxM, m - m0);
+      const Element* arow = a + static_cast<size_t>(m0) * k;
+      Acc acc;
+      zero(acc);
+      for (int base = threadIdx.x % 32 * kVec; base < k; base += kStepK) {
+        Loads v;
+        load(brow, k, base, v);
+        fma(v, arow, k, mc, base, acc);
+      }
+      store(acc, d, n, m0, mc, row0, n);
+    }
+  }
+
+  // One warp, the span schedule: the row blocks row_begin, row_begin + stride * kRowsPerWarp,
+  // ... below row_end of one group, as one stream of K steps whose next step's loads are issued
+  // before the current step's FMAs (two register buffers), across row boundaries too.
+  static __device__ void span(const Element* __restrict__ a, const Element* __restrict__ b,
+                              ElementD* __restrict__ d, int m, int n, int k, int row_begin,
+                              int row_end, int stride) {
+    const int lane_base = threadIdx.x % 32 * kVec;
+    const int row_step = stride * kRowsPerWarp;
+    for (int m0 = 0; m0 < m; m0 += kMaxM) {  // more rows of A re-stream the span per pass
+      const int mc = min(kMaxM, m - m0);
+      const Element* arow = a + static_cast<size_t>(m0) * k;
+      // Cursors, warp-uniform (the lane's columns are kk + lane_base + u * kWarpK): the step
+      // being loaded (lrow, lk) runs one ahead of the step being summed (crow, ck).
+      int lrow = row_begin, lk = 0, crow = row_begin, ck = 0;
+      auto advance = [&](int& row, int& kk) {
+        kk += kStepK;
+        if (kk >= k) kk = 0, row += row_step;
+      };
+      auto issue = [&](Loads& v) {
+        const Element* brow[kRowsPerWarp];
+        rows(b, n, k, lrow, brow);
+        load(brow, k, lk + lane_base, v);
+        advance(lrow, lk);
+      };
+      auto consume = [&](const Loads& v, Acc& acc) {
+        fma(v, arow, k, mc, ck + lane_base, acc);
+        if (ck + kStepK >= k) store(acc, d, n, m0, mc, crow, row_end);  // the rows' last step
+        advance(crow, ck);
+      };
+      // Named buffers rather than an indexed pair, so both stay in registers.
+      Loads v0, v1;
+      Acc acc;
+      zero(acc);
+      if (lrow < row_end) issue(v0);
+      while (crow < row_end) {
+        if (lrow < row_end) issue(v1);
+        consume(v0, acc);
+        if (crow >= row_end) break;
+        if (lrow < row_end) issue(v0);
+        consume(v1, acc);
       }
     }
   }
 };
 
+// first[g]: index of group g's first item, one block-wide scan per CTA over the shapes (a group
+// without rows has no items); returns the number of items.
 template <class G>
-__global__ void __launch_bounds__(kThreads)
-grouped_kernel(int groups, const int32_t* __restrict__ mnk, const void* const* __restrict__ ptr_a,
-               const void* const* __restrict__ ptr_b, void* const* __restrict__ ptr_d) {
-  using Element = typename G::Element;
-  using ElementD = typename G::ElementD;
-  // first[g]: index of group g's first item; one block-wide scan per CTA over the shapes (a
-  // group without rows has no items).
-  extern __shared__ int first[];
+__device__ int scan_items(int groups, const int32_t* __restrict__ mnk, int* first) {
   __shared__ int warp_sums[kWarps];
   __shared__ int carry;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -171,16 +247,60 @@ grouped_kernel(int groups, const int32_t* __restrict__ mnk, const void* const* _
     running = carry;
     __syncthreads();  // warp_sums and carry are rewritten by the next chunk
   }
-  const int total = running;
+  return running;
+}
+
+// The last group whose first item is <= it (empty groups share their successor's first item).
+__device__ __forceinline__ int group_of(const int* first, int groups, int it) {
+  int lo = 0, hi = groups - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first[mid] <= it) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <class G>
+__global__ void __launch_bounds__(kThreads)
+grouped_items_kernel(int groups, const int32_t* __restrict__ mnk,
+                     const void* const* __restrict__ ptr_a, const void* const* __restrict__ ptr_b,
+                     void* const* __restrict__ ptr_d) {
+  using Element = typename G::Element;
+  using ElementD = typename G::ElementD;
+  extern __shared__ int first[];
+  const int total = scan_items<G>(groups, mnk, first);
+  const int row = (threadIdx.x / 32) * G::kRowsPerWarp;  // the warp's rows within an item
   for (int it = blockIdx.x; it < total; it += gridDim.x) {
-    int lo = 0, hi = groups - 1;  // the last group whose first item is <= it
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (first[mid] <= it) lo = mid; else hi = mid - 1;
-    }
-    G::item(static_cast<const Element*>(ptr_a[lo]), static_cast<const Element*>(ptr_b[lo]),
-            static_cast<ElementD*>(ptr_d[lo]), mnk[3 * lo], mnk[3 * lo + 1], mnk[3 * lo + 2],
-            (it - first[lo]) * G::kRowsPerItem);
+    const int g = group_of(first, groups, it);
+    G::item(static_cast<const Element*>(ptr_a[g]), static_cast<const Element*>(ptr_b[g]),
+            static_cast<ElementD*>(ptr_d[g]), mnk[3 * g], mnk[3 * g + 1], mnk[3 * g + 2],
+            (it - first[g]) * G::kRowsPerItem + row);
+  }
+}
+
+template <class G>
+__global__ void __launch_bounds__(kThreads)
+grouped_span_kernel(int groups, const int32_t* __restrict__ mnk,
+                    const void* const* __restrict__ ptr_a, const void* const* __restrict__ ptr_b,
+                    void* const* __restrict__ ptr_d) {
+  using Element = typename G::Element;
+  using ElementD = typename G::ElementD;
+  extern __shared__ int first[];
+  const int total = scan_items<G>(groups, mnk, first);
+  // The CTA's run [begin, end) of items, in row blocks of kRowsPerWarp: warp w takes blocks w,
+  // w + kWarps, ... of it.
+  const int warp = threadIdx.x / 32;
+  const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
+  const int end = static_cast<int>(static_cast<int64_t>(total) * (blockIdx.x + 1) / gridDim.x);
+  if (begin >= end) return;
+  for (int g = group_of(first, groups, begin); g < groups && first[g] < end; ++g) {
+    const int n = mnk[3 * g + 1];
+    const int lo = max(begin, first[g]) - first[g];  // the run's part of group g, in items
+    const int hi = (g + 1 < groups ? min(end, first[g + 1]) : end) - first[g];
+    if (lo >= hi) continue;  // an empty group
+    G::span(static_cast<const Element*>(ptr_a[g]), static_cast<const Element*>(ptr_b[g]),
+            static_cast<ElementD*>(ptr_d[g]), mnk[3 * g], n, mnk[3 * g + 2],
+            lo * G::kRowsPerItem + warp * G::kRowsPerWarp, min(n, hi * G::kRowsPerItem), kWarps);
   }
 }
 
@@ -189,14 +309,19 @@ __global__ void __launch_bounds__(kThreads)
 dense_kernel(int m, int n, int k, const typename G::Element* __restrict__ a,
              const typename G::Element* __restrict__ b, typename G::ElementD* __restrict__ d) {
   const int total = (n + G::kRowsPerItem - 1) / G::kRowsPerItem;
+  const int row = (threadIdx.x / 32) * G::kRowsPerWarp;
   for (int it = blockIdx.x; it < total; it += gridDim.x)
-    G::item(a, b, d, m, n, k, it * G::kRowsPerItem);
+    G::item(a, b, d, m, n, k, it * G::kRowsPerItem + row);
 }
 
-// The C ABI of every grouped-GEMM library (grouped_gemm_exports.j2).
-template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue>
+// The C ABI of every grouped-GEMM library (grouped_gemm_exports.j2). kSpan: the grouped kernel's
+// schedule (see the top of this file); the dense kernel (one group, its rows dealt round-robin)
+// runs the items schedule either way.
+template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue, bool kSpan>
 struct GroupedGemv {
-  using G = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue>;
+  using Items = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue, 4>;
+  // Two buffers of two loads per row: the registers of one buffer of four.
+  using Span = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue, 2>;
 
   static size_t workspace_size(int, int) { return 0; }
 
@@ -231,7 +356,10 @@ struct GroupedGemv {
       return fail(kBadArgument, "groups must be in 1..8192 and the shape/pointer arrays non-null");
     if (int s = check(sm_count, raster, swizzle); s != kOk) return s;
     const size_t smem = sizeof(int) * groups;  // at most 32 KB: no opt-in needed
-    auto kernel = grouped_kernel<G>;
+    auto kernel = [] {
+      if constexpr (kSpan) return grouped_span_kernel<Span>;
+      else return grouped_items_kernel<Items>;
+    }();
     const int per_sm = blocks_per_sm(kernel, smem);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
     kernel<<<per_sm * sm_count, kThreads, smem, stream>>>(groups, mnk, ptr_a, ptr_b, ptr_d);
@@ -244,13 +372,14 @@ struct GroupedGemv {
       return fail(kBadArgument, "m >= 0, n > 0, k > 0 a multiple of 8, non-null pointers");
     if (int s = check(sm_count, raster, swizzle); s != kOk) return s;
     if (m == 0) return kOk;
-    auto kernel = dense_kernel<G>;
+    auto kernel = dense_kernel<Items>;
     const int per_sm = blocks_per_sm(kernel, 0);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
-    const int items = (n + G::kRowsPerItem - 1) / G::kRowsPerItem;
+    const int items = (n + Items::kRowsPerItem - 1) / Items::kRowsPerItem;
     kernel<<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(
-        m, n, k, static_cast<const typename G::Element*>(a),
-        static_cast<const typename G::Element*>(b), static_cast<typename G::ElementD*>(d));
+        m, n, k, static_cast<const typename Items::Element*>(a),
+        static_cast<const typename Items::Element*>(b),
+        static_cast<typename Items::ElementD*>(d));
     return launched("gemv launch");
   }
 };

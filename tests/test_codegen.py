@@ -36,10 +36,13 @@ def test_sm80_render_carries_the_epilogue_kind():
         assert f"64, 64, 3,\n{' ' * 43}{kind}>;" in text
 
 
-def test_gemv_render_carries_rows_per_warp_rows_per_pass_and_epilogue():
+def test_gemv_render_carries_rows_per_warp_rows_per_pass_epilogue_and_schedule():
     text = render(KernelConfig(8, 1, 256, 1, 1, "gemv", True, "f32", "fp16"))
     assert '#include "gemv.cuh"' in text
-    assert "GroupedGemv<__half, 2, 1,\n" in text and "2>;" in text
+    assert "GroupedGemv<__half, 2, 1,\n" in text and "2, false>;" in text
+    # Items of 16 rows and more stream a contiguous run per CTA.
+    assert "4, 1,\n" in (text := render(KernelConfig(16, 1, 256, 1, 1, "gemv", True)))
+    assert "0, true>;" in text
 
 
 def test_render_rejects_invalid_config():
