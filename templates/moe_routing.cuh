@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 
@@ -430,6 +431,9 @@ __global__ void swiglu_kernel(const Element* __restrict__ h1, Element* __restric
   }
 }
 
+constexpr int kCombineThreads = 1024;     // block bound of the split combine
+constexpr int kCombineSplitTokens = 128;  // up to this many tokens the pairs are split
+
 // out[t] = sum_j w[t, j] * y[row_of(t, j)], accumulated in fp32 in the fixed order j = 0..k-1,
 // so the result is deterministic (no atomics).
 template <class Element>
@@ -450,6 +454,49 @@ __global__ void combine_kernel(const Element* __restrict__ y, const float* __res
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = convert<Element>(acc[i]);
     *reinterpret_cast<uint4*>(out + int64_t(t) * width + c) = *reinterpret_cast<uint4*>(o);
+  }
+}
+
+// The same sum for a few tokens, where combine_kernel leaves the GPU idle while each thread walks
+// one dependent (row_of, y) chain per pair: here blockDim.x / splits threads cover the columns
+// (8 each) and `splits` of them the pairs; split q sums pairs q, q + splits, ... in order and
+// the splits' partial sums are added in order q = 0, 1, ... through shared memory
+// ((splits - 1) * blockDim.x / splits * 8 floats). Deterministic too, in another fixed order.
+template <class Element>
+__global__ void combine_split_kernel(const Element* __restrict__ y,
+                                     const float* __restrict__ weights,
+                                     const int32_t* __restrict__ row_of, int top_k, int width,
+                                     int splits, Element* __restrict__ out) {
+  extern __shared__ float partial[];  // [splits - 1][cols * 8]: split 0 keeps its sum
+  const int t = blockIdx.x, cols = blockDim.x / splits;
+  const int q = threadIdx.x / cols, c = threadIdx.x % cols * 8;
+  for (int c0 = 0; c0 < width; c0 += cols * 8) {
+    const int col = c0 + c;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (col < width) {
+      for (int j = q; j < top_k; j += splits) {
+        float w = weights[t * top_k + j];
+        uint4 raw =
+            *reinterpret_cast<const uint4*>(y + int64_t(row_of[t * top_k + j]) * width + col);
+        const Element* v = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w * static_cast<float>(v[i]);
+      }
+      if (q > 0)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) partial[(q - 1) * cols * 8 + c + i] = acc[i];
+    }
+    __syncthreads();
+    if (q == 0 && col < width) {
+      for (int p = 1; p < splits; ++p)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += partial[(p - 1) * cols * 8 + c + i];
+      Element o[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = convert<Element>(acc[i]);
+      *reinterpret_cast<uint4*>(out + int64_t(t) * width + col) = *reinterpret_cast<uint4*>(o);
+    }
+    __syncthreads();  // partial is rewritten by the next column chunk
   }
 }
 
