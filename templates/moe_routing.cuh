@@ -386,12 +386,129 @@ __global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int t
 constexpr int kSmallWarps = 16;
 constexpr int kSmallThreads = kSmallWarps * kWarp;
 constexpr int kSmallExperts = 1024;  // the register top-k's bound
+constexpr int kPerThread = kSmallExperts / kSmallThreads;
+constexpr int kListMax = 2 * kWarp;  // the register top-k's top_k bound
+// Dynamic shared memory of the one-launch path without an opt-in: 48 KB less the kernel's own
+// static shared memory (block scan and reduction scratch, ~2.3 KB).
+constexpr size_t kSmallSmemLimit = 44 * 1024;
 
-// Dynamic shared memory: counts and starts [E] each, and per warp E + 2 * kMaxGroups words of
-// grouped top-k scratch when n_group > 1.
+// Dynamic shared memory, in 4-byte words: counts, starts and scores [E] each, the one-token
+// path's per-warp candidate lists (key and expert, kListMax each), and per warp E + 2 *
+// kMaxGroups words of grouped top-k scratch when n_group > 1.
 inline size_t small_smem(int experts, int n_group) {
   size_t per_warp = n_group > 1 ? size_t(experts) + 2 * kMaxGroups : 0;
-  return sizeof(int32_t) * (2 * size_t(experts) + kSmallWarps * per_warp);
+  return sizeof(int32_t) * (3 * size_t(experts) + kSmallWarps * (2 * kListMax + per_warp));
+}
+
+__device__ inline float block_reduce(float v, bool max, float* scratch) {
+  v = max ? warp_max(v) : warp_sum(v);
+  if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kSmallWarps; ++w) v = max ? fmaxf(v, scratch[w]) : v + scratch[w];
+  __syncthreads();  // scratch is reused by the next reduction
+  return v;
+}
+
+// Token 0 with the whole block (decode at T = 1). route_token_regs spends top_k dependent rounds
+// of one warp over all E experts; here each warp ranks its own experts (kPerThread per lane) in
+// top_k rounds, all warps at once, and warp 0 merges the kSmallWarps sorted lists in top_k
+// rounds. Same experts, order and weights as route_token_regs, except that no expert is picked
+// twice when fewer than top_k have a finite score. score: [E]; list_key, list_e: [kSmallWarps,
+// kListMax]; buf, gscore, kept: the grouped top-k scratch; counts: shared, zeroed.
+__device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned* list_key,
+                                      int32_t* list_e, float* buf, float* gscore, int* kept,
+                                      int32_t* counts) {
+  __shared__ float scratch[kSmallWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  float l[kPerThread];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int p = 0; p < kPerThread; ++p) {
+    int e = threadIdx.x + p * kSmallThreads;
+    l[p] = e < a.experts ? logit(a, 0, e) : -INFINITY;
+    mx = fmaxf(mx, l[p]);
+  }
+  float sum = 1.f;
+  if (a.softmax) {
+    mx = block_reduce(mx, true, scratch);
+    float part = 0.f;
+#pragma unroll
+    for (int p = 0; p < kPerThread; ++p)
+      part += threadIdx.x + p * kSmallThreads < a.experts ? __expf(l[p] - mx) : 0.f;
+    sum = block_reduce(part, false, scratch);
+  }
+  float choice[kPerThread];
+#pragma unroll
+  for (int p = 0; p < kPerThread; ++p) {
+    int e = threadIdx.x + p * kSmallThreads;
+    choice[p] = -INFINITY;
+    if (e < a.experts) {
+      float s = a.softmax ? __expf(l[p] - mx) / sum : 1.f / (1.f + __expf(-l[p]));
+      float c = s + (a.bias ? a.bias[e] : 0.f);
+      score[e] = s;
+      choice[p] = c != c ? -INFINITY : c;  // NaN never wins
+      if (a.n_group > 1) buf[e] = choice[p];
+    }
+  }
+  if (a.n_group > 1) {  // the group rule needs whole groups: one warp over shared memory
+    __syncthreads();
+    if (warp == 0) mask_groups(a, lane, buf, gscore, kept);
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < kPerThread; ++p)
+      if (threadIdx.x + p * kSmallThreads < a.experts) choice[p] = buf[threadIdx.x + p * kSmallThreads];
+  }
+  // Each warp's experts in (choice desc, expert asc) order; 0 ranks below every expert.
+  unsigned key[kPerThread];
+#pragma unroll
+  for (int p = 0; p < kPerThread; ++p)
+    key[p] = threadIdx.x + p * kSmallThreads < a.experts ? ordered_key(choice[p]) : 0u;
+  const int rounds = min(a.top_k, kWarp * kPerThread);
+  for (int j = 0; j < rounds; ++j) {
+    unsigned kb = key[0];
+    int pb = 0;  // the lane's best; its lower expert on ties
+#pragma unroll
+    for (int p = 1; p < kPerThread; ++p)
+      if (key[p] > kb) kb = key[p], pb = p;
+    unsigned best = __reduce_max_sync(0xffffffffu, kb);
+    unsigned e = __reduce_min_sync(
+        0xffffffffu, kb == best ? unsigned(threadIdx.x + pb * kSmallThreads) : 0xffffffffu);
+#pragma unroll
+    for (int p = 0; p < kPerThread; ++p)
+      if (unsigned(threadIdx.x + p * kSmallThreads) == e) key[p] = 0u;
+    if (lane == 0) list_key[warp * kListMax + j] = best, list_e[warp * kListMax + j] = int(e);
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  // Merge: lane w < kSmallWarps holds the head of warp w's list.
+  int head = 0;
+  int my_id[2] = {0, 0};
+  float my_w[2] = {0.f, 0.f}, picked = 0.f;
+  for (int j = 0; j < a.top_k; ++j) {
+    const bool live = lane < kSmallWarps && head < rounds;
+    const unsigned hk = live ? list_key[lane * kListMax + head] : 0u;
+    const unsigned he = live ? unsigned(list_e[lane * kListMax + head]) : 0xffffffffu;
+    unsigned best = __reduce_max_sync(0xffffffffu, hk);
+    unsigned e = __reduce_min_sync(0xffffffffu, hk == best ? he : 0xffffffffu);
+    if (he == e) ++head;
+    float s = score[e];
+    picked += s;
+    if (lane == j % kWarp) {
+      if (j < kWarp) my_id[0] = int(e), my_w[0] = s;
+      else my_id[1] = int(e), my_w[1] = s;
+    }
+  }
+  float norm = (a.renormalize ? 1.f / (picked + 1e-20f) : 1.f) * a.scale;
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    int j = lane + q * kWarp;
+    if (j < a.top_k) {
+      a.topk_ids[j] = my_id[q];
+      a.topk_weights[j] = my_w[q] * norm;
+      a.slot[j] = atomicAdd(counts + my_id[q], 1);
+    }
+  }
 }
 
 template <int PerLane, class Element, class Src>
@@ -401,11 +518,19 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
   extern __shared__ int32_t smem_words[];
   int32_t* counts = smem_words;
   int32_t* start = counts + r.experts;
+  float* score = reinterpret_cast<float*>(start + r.experts);
+  unsigned* list_key = reinterpret_cast<unsigned*>(score + r.experts);
+  int32_t* list_e = reinterpret_cast<int32_t*>(list_key + kSmallWarps * kListMax);
+  float* group_scratch = reinterpret_cast<float*>(list_e + kSmallWarps * kListMax);
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int e = threadIdx.x; e < r.experts; e += kSmallThreads) counts[e] = 0;
   __syncthreads();
-  if (warp < r.tokens) {
-    float* buf = reinterpret_cast<float*>(start + r.experts) + warp * (r.experts + 2 * kMaxGroups);
+  if (r.tokens == 1) {
+    route_one_token_block(r, score, list_key, list_e, group_scratch,
+                          group_scratch + r.experts,
+                          reinterpret_cast<int*>(group_scratch + r.experts + kMaxGroups), counts);
+  } else if (warp < r.tokens) {
+    float* buf = group_scratch + warp * (r.experts + 2 * kMaxGroups);
     route_token_regs<PerLane>(r, warp, lane, buf, buf + r.experts,
                               reinterpret_cast<int*>(buf + r.experts + kMaxGroups), counts);
   }
