@@ -26,7 +26,8 @@ from autotune.bench import time_graph  # noqa: E402
 from autotune.problem import preset  # noqa: E402
 
 _STAGES = ("route_gather_small_kernel", "route_kernel", "offsets_kernel", "gather_kernel",
-           "swiglu_kernel", "combine_kernel", "fill_group_arguments", "fill_dense_arguments")
+           "swiglu_kernel", "combine_split_kernel", "combine_kernel", "fill_group_arguments",
+           "fill_dense_arguments")
 
 
 def _stage(name: str, order: list[str]) -> str:

@@ -27,8 +27,8 @@ from test_fused_gpu import fused, make_weights  # noqa: E402
 from autotune.problem import preset  # noqa: E402
 
 _SHORT = ("route_gather_small_kernel", "route_kernel", "offsets_kernel", "gather_kernel",
-          "combine_kernel", "swiglu_kernel", "gemv::grouped_kernel", "gemv::dense_kernel",
-          "Memset")
+          "combine_split_kernel", "combine_kernel", "swiglu_kernel", "gemv::grouped_items_kernel",
+          "gemv::grouped_span_kernel", "gemv::dense_kernel", "Memset")
 _REPLAYS = 20
 
 

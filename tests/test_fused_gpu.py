@@ -166,6 +166,19 @@ def test_gemv_kernels_match_oracle(monkeypatch, tokens):
     check(SUPER, tokens)
 
 
+@pytest.mark.parametrize("problem", [
+    SUPER.with_(scoring="softmax"),
+    SUPER.with_(num_experts=256, n_group=8, topk_group=4, top_k=8, scoring="softmax"),
+    SUPER.with_(num_experts=256, n_group=8, topk_group=4, top_k=8, norm_topk_prob=False),
+], ids=["softmax", "grouped-softmax", "grouped-unnormalised"])
+def test_one_token_routing(monkeypatch, problem):
+    """One token is routed by the whole block (route_one_token_block): the scorings, grouped
+    top-k and renormalisation it implements beside the per-warp top-k (gemv stages: the cheap
+    compile; the routing is the same whatever the GEMMs)."""
+    gemv_plan(monkeypatch)
+    check(problem, 1)
+
+
 @pytest.mark.parametrize("tokens,gemv", [(1, False), (128, False), (2, True)])
 def test_graph_replay_with_fresh_inputs_equals_eager(monkeypatch, tokens, gemv):
     if gemv:
