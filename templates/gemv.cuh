@@ -12,10 +12,10 @@
 // pass: correct for any M, fast for M <= kMaxM). Two schedules walk the items of all non-empty
 // groups (measured on an H200 at one token, 22 of 512 experts, benchmarks/NOTES.md v6):
 // - items: persistent CTAs take items round-robin, each warp loads a K step of its rows and then
-//   does its FMAs. Best for long rows (down projection, K = 2688: 33.7 us against 36.4).
+//   does its FMAs. Best for long rows (down projection, K = 2688: 33.9 us against 37.9).
 // - span: each CTA takes one contiguous run of items, its warps interleaved over them, and every
 //   warp issues its next step's loads before the current step's FMAs, across row boundaries.
-//   Best where a row is a single step (up projection, K = 1024: 34.8 us against 38.9).
+//   Best where a row is a single step (up projection, K = 1024: 34.9 us against 38.0).
 // The tuner times both per stage (8-row configs run "items", 16- and 32-row ones "span").
 #pragma once
 
