@@ -20,9 +20,9 @@
 #include <cmath>
 
 #include "gemv.cuh"
+#include "graph_timing.cuh"
 
 using bf16 = __nv_bfloat16;
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1);} } while (0)
 
 __global__ void fill(bf16* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -147,7 +147,9 @@ int main(int argc, char** argv) {
     vars.push_back({"16x1 span, active only", grouped(N::GroupedGemv<bf16, 4, 1, 1, true>{}, false)});
     printf("== %s: N=%d K=%d active=%d M=%d, %.1f MB\n", sh.name, sh.N, sh.K, sh.active, sh.M, bytes / 1e6);
     std::vector<uint16_t> ref;
-    for (auto& [name, fn] : vars) {
+    for (auto& var : vars) {
+      const std::string& name = var.first;
+      const auto& fn = var.second;
       // correctness vs the first gemv variant (bitwise: same per-row arithmetic)
       CK(cudaMemsetAsync(dout, 0xff, size_t(sh.active) * sh.M * sh.N * 2, st));
       int rc = fn(0, st);
@@ -162,23 +164,8 @@ int main(int argc, char** argv) {
         check = bad ? " MISMATCH " + std::to_string(bad) : " ok";
       }
       if (once) { printf("%-22s once%s\n", name.c_str(), check.c_str()); continue; }
-      const int per = 10;
-      cudaGraph_t g; cudaGraphExec_t ge;
-      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-      for (int r = 0; r < per; ++r) fn(r % Case::kSets, st);
-      CK(cudaStreamEndCapture(st, &g));
-      CK(cudaGraphInstantiate(&ge, g, 0));
-      for (int w = 0; w < 3; ++w) CK(cudaGraphLaunch(ge, st));
-      std::vector<float> ms;
-      cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-      for (int rep = 0; rep < 15; ++rep) {
-        cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st);
-        CK(cudaEventSynchronize(e1)); float t; cudaEventElapsedTime(&t, e0, e1); ms.push_back(t / per);
-      }
-      std::sort(ms.begin(), ms.end());
-      float med = ms[ms.size() / 2];
-      printf("%-22s %7.2f us  %5.2f TB/s%s\n", name.c_str(), med * 1e3, bytes / (med * 1e-3) / 1e12, check.c_str());
-      cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
+      const float us = graph_us([&fn](int r, cudaStream_t t) { fn(r % Case::kSets, t); }, st);
+      printf("%-22s %7.2f us  %5.2f TB/s%s\n", name.c_str(), us, bytes / (us * 1e-6) / 1e12, check.c_str());
     }
   }
   // Dense projections at decode (fc1: router+latent, fp32 out; fc2), weights rotated over 8 copies.
@@ -205,7 +192,9 @@ int main(int argc, char** argv) {
       vars.push_back({"8x4", dense(N::GroupedGemv<bf16, 2, 4, 2, false>{})});
       printf("== dense %s: M=%d N=%d K=%d, %.1f MB\n", dd.name, dd.M, dd.N, dd.K, bytes / 1e6);
       std::vector<float> ref;
-      for (auto& [name, fn] : vars) {
+      for (auto& var : vars) {
+        const std::string& name = var.first;
+        const auto& fn = var.second;
         CK(cudaMemsetAsync(d, 0xff, size_t(dd.M) * dd.N * 4, st));
         int rc = fn(0, st); CK(cudaStreamSynchronize(st));
         if (rc) { printf("%-22s rc=%d %s\n", name.c_str(), rc, autotune::g_last_error); continue; }
@@ -213,20 +202,8 @@ int main(int argc, char** argv) {
         CK(cudaMemcpy(out.data(), d, out.size() * 4, cudaMemcpyDeviceToHost));
         if (ref.empty()) ref = out;
         size_t bad = 0; for (size_t i = 0; i < out.size(); ++i) bad += !(std::fabs(out[i] - ref[i]) <= 1e-3f * (1 + std::fabs(ref[i])));
-        const int per = 10;
-        cudaGraph_t g; cudaGraphExec_t ge;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-        for (int r = 0; r < per; ++r) fn(r, st);
-        CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
-        for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(ge, st));
-        std::vector<float> ms; cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-        for (int rep = 0; rep < 15; ++rep) {
-          cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st);
-          CK(cudaEventSynchronize(e1)); float t; cudaEventElapsedTime(&t, e0, e1); ms.push_back(t / per);
-        }
-        std::sort(ms.begin(), ms.end()); float med = ms[ms.size() / 2];
-        printf("%-22s %7.2f us  %5.2f TB/s %s\n", name.c_str(), med * 1e3, bytes / (med * 1e-3) / 1e12, bad ? "MISMATCH" : "ok");
-        cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
+        const float us = graph_us([&fn](int r, cudaStream_t t) { fn(r, t); }, st);
+        printf("%-22s %7.2f us  %5.2f TB/s %s\n", name.c_str(), us, bytes / (us * 1e-6) / 1e12, bad ? "MISMATCH" : "ok");
       }
       for (auto p : w) cudaFree(p);
       cudaFree(a); cudaFree(d);

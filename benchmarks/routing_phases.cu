@@ -15,11 +15,11 @@
 #include <string>
 #include <vector>
 
+#include "graph_timing.cuh"
 #include "moe_routing.cuh"
 
 namespace R = autotune::routing;
 using bf16 = __nv_bfloat16;
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1);} } while (0)
 
 __device__ long long stamps[16];
 
@@ -66,25 +66,6 @@ stamped_kernel(R::RouteArgs r, R::OffsetArgs o, const Src* __restrict__ src, int
   }
 }
 
-static float time_graph(const std::function<void(int, cudaStream_t)>& fn, cudaStream_t st) {
-  const int per = 10;
-  cudaGraph_t g; cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-  for (int r = 0; r < per; ++r) fn(r, st);
-  CK(cudaStreamEndCapture(st, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  for (int w = 0; w < 3; ++w) CK(cudaGraphLaunch(ge, st));
-  std::vector<float> ms;
-  cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-  for (int rep = 0; rep < 15; ++rep) {
-    cudaEventRecord(e0, st); CK(cudaGraphLaunch(ge, st)); cudaEventRecord(e1, st);
-    CK(cudaEventSynchronize(e1)); float t; cudaEventElapsedTime(&t, e0, e1); ms.push_back(t / per);
-  }
-  std::sort(ms.begin(), ms.end());
-  cudaGraphExecDestroy(ge); cudaGraphDestroy(g);
-  return ms[ms.size() / 2] * 1e3f;
-}
-
 int main() {
   cudaStream_t st; CK(cudaStreamCreate(&st));
   int clock_khz; CK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
@@ -111,10 +92,10 @@ int main() {
                     addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2};
     size_t smem = R::small_smem(E, 1);
     const float* src = logits + 2 * E;
-    float real = time_graph([&](int, cudaStream_t s) {
+    float real = graph_us([&](int, cudaStream_t s) {
       R::route_gather_small_kernel<16, bf16, float><<<1, R::kSmallThreads, smem, s>>>(r, o, src, ld, a1, row_of);
     }, st);
-    float stamped = time_graph([&](int, cudaStream_t s) {
+    float stamped = graph_us([&](int, cudaStream_t s) {
       stamped_kernel<16, bf16, float><<<1, R::kSmallThreads, smem, s>>>(r, o, src, ld, a1, row_of);
     }, st);
     long long hs[16];
@@ -135,7 +116,7 @@ int main() {
     CK(cudaMemcpy(ro, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(w, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(y, hy.data(), hy.size() * 2, cudaMemcpyHostToDevice));
-    float seq = time_graph([&](int, cudaStream_t s) {
+    float seq = graph_us([&](int, cudaStream_t s) {
       R::combine_kernel<bf16><<<T, 128, 0, s>>>(y, w, ro, K, W, out);
     }, st);
     std::string line;
@@ -145,7 +126,7 @@ int main() {
     for (int splits : {2, 4, 8}) {
       size_t smem = sizeof(float) * (splits - 1) * 128 * 8;
       CK(cudaMemsetAsync(out, 0xff, size_t(T) * W * 2, st));
-      float t = time_graph([&](int, cudaStream_t s) {
+      float t = graph_us([&](int, cudaStream_t s) {
         R::combine_split_kernel<bf16><<<T, 128 * splits, smem, s>>>(y, w, ro, K, W, splits, out);
       }, st);
       CK(cudaStreamSynchronize(st));
