@@ -175,6 +175,35 @@ __device__ inline unsigned ordered_key(float v) {
   return ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) | 1u;
 }
 
+// One token's picks, pick j held by lane j % 32 (top_k <= 64), and their output: ids, weights
+// (renormalised over the picks, then scaled) and each pair's slot, its atomicAdd on counts.
+struct TokenPicks {
+  int id[2] = {0, 0};
+  float w[2] = {0.f, 0.f};
+  float sum = 0.f;  // every lane's: the picked scores
+
+  __device__ void add(int j, int lane, unsigned e, float s) {
+    sum += s;
+    if (lane == j % kWarp) {
+      if (j < kWarp) id[0] = int(e), w[0] = s;
+      else id[1] = int(e), w[1] = s;
+    }
+  }
+
+  __device__ void write(const RouteArgs& a, int t, int lane, int32_t* counts) const {
+    float norm = (a.renormalize ? 1.f / (sum + 1e-20f) : 1.f) * a.scale;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      int j = lane + q * kWarp;
+      if (j < a.top_k) {
+        a.topk_ids[t * a.top_k + j] = id[q];
+        a.topk_weights[t * a.top_k + j] = w[q] * norm;
+        a.slot[t * a.top_k + j] = atomicAdd(counts + id[q], 1);
+      }
+    }
+  }
+};
+
 // Token t, one warp. buf (E floats), gscore and kept (kMaxGroups each): the warp's scratch for
 // the grouped top-k, unused without groups. counts: global or shared, the pair's slot is its
 // atomicAdd there.
@@ -220,8 +249,7 @@ __device__ void route_token_regs(const RouteArgs& a, int t, int lane, float* buf
   for (int r = 0; r < PerLane; ++r)
     key[r] = lane + r * kWarp < a.experts ? ordered_key(choice[r]) : 0u;
   const unsigned taken = ordered_key(-INFINITY);  // a picked expert ranks with the masked ones
-  int my_id[2] = {0, 0};
-  float my_w[2] = {0.f, 0.f}, picked = 0.f;
+  TokenPicks picks;
   for (int j = 0; j < a.top_k; ++j) {
     // Tree argmax over the lane's keys, lowest slot on ties (log2(PerLane) dependent steps
     // where a running maximum takes PerLane).
@@ -243,23 +271,9 @@ __device__ void route_token_regs(const RouteArgs& a, int t, int lane, float* buf
     for (int r = 0; r < PerLane; ++r) {
       if (unsigned(r * kWarp + lane) == e) s_here = score[r], key[r] = taken;
     }
-    float s = __shfl_sync(0xffffffffu, s_here, e % kWarp);
-    picked += s;
-    if (lane == j % kWarp) {
-      if (j < kWarp) my_id[0] = int(e), my_w[0] = s;
-      else my_id[1] = int(e), my_w[1] = s;
-    }
+    picks.add(j, lane, e, __shfl_sync(0xffffffffu, s_here, e % kWarp));
   }
-  float norm = (a.renormalize ? 1.f / (picked + 1e-20f) : 1.f) * a.scale;
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    int j = lane + q * kWarp;
-    if (j < a.top_k) {
-      a.topk_ids[t * a.top_k + j] = my_id[q];
-      a.topk_weights[t * a.top_k + j] = my_w[q] * norm;
-      a.slot[t * a.top_k + j] = atomicAdd(counts + my_id[q], 1);
-    }
-  }
+  picks.write(a, t, lane, counts);
 }
 
 template <int PerLane>
@@ -483,8 +497,7 @@ __device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned
   if (warp != 0) return;
   // Merge: lane w < kSmallWarps holds the head of warp w's list.
   int head = 0;
-  int my_id[2] = {0, 0};
-  float my_w[2] = {0.f, 0.f}, picked = 0.f;
+  TokenPicks picks;
   for (int j = 0; j < a.top_k; ++j) {
     const bool live = lane < kSmallWarps && head < rounds;
     const unsigned hk = live ? list_key[lane * kListMax + head] : 0u;
@@ -492,23 +505,9 @@ __device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned
     unsigned best = __reduce_max_sync(0xffffffffu, hk);
     unsigned e = __reduce_min_sync(0xffffffffu, hk == best ? he : 0xffffffffu);
     if (he == e) ++head;
-    float s = score[e];
-    picked += s;
-    if (lane == j % kWarp) {
-      if (j < kWarp) my_id[0] = int(e), my_w[0] = s;
-      else my_id[1] = int(e), my_w[1] = s;
-    }
+    picks.add(j, lane, e, score[e]);
   }
-  float norm = (a.renormalize ? 1.f / (picked + 1e-20f) : 1.f) * a.scale;
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    int j = lane + q * kWarp;
-    if (j < a.top_k) {
-      a.topk_ids[j] = my_id[q];
-      a.topk_weights[j] = my_w[q] * norm;
-      a.slot[j] = atomicAdd(counts + my_id[q], 1);
-    }
-  }
+  picks.write(a, 0, lane, counts);
 }
 
 template <int PerLane, class Element, class Src>
