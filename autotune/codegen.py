@@ -56,11 +56,12 @@ def context(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> 
         return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
     if is_gemv(config):
         return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype],
-                # gemv.cuh runs 4 warps per work item; 8-row items are dealt round-robin, larger
-                # ones stream a contiguous run per CTA (its two schedules).
+                # gemv.cuh runs 4 warps per work item; 8-row items are dealt round-robin to
+                # register-fed warps, larger ones stream through shared memory (its two
+                # schedules, "items" and "bulk").
                 "rows_per_warp": str(config.tile_m // 4), "max_m": str(config.tile_n),
                 "epilogue": _EPILOGUE_KIND[config.epilogue],
-                "span": "true" if config.tile_m > 8 else "false"}
+                "bulk": "true" if config.tile_m > 8 else "false"}
     if isinstance(config, Sm80Config):
         return {"name": config.name, "element": _ELEMENT[config.dtype],
                 "epilogue": _EPILOGUE_KIND[config.epilogue],

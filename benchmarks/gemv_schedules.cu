@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <random>
 #include <cmath>
+#include <cstring>
 
 #include "gemv.cuh"
 #include "graph_timing.cuh"
@@ -62,6 +63,7 @@ struct Case {
 
 int main(int argc, char** argv) {
   const bool once = argc > 1;  // any argument: eager single launches (for a profiler)
+  setvbuf(stdout, nullptr, _IONBF, 0);  // a hung variant still shows which one it was
   int sms; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaStream_t st; CK(cudaStreamCreate(&st));
   unsigned* sink; CK(cudaMalloc(&sink, 4));
@@ -140,17 +142,17 @@ int main(int argc, char** argv) {
     vars.push_back({"read 264x512", [&c, &sh, sink, sms](int s, cudaStream_t t) {
       read_blocks<<<2 * sms, 512, 0, t>>>(c.blocks[s], sh.active, size_t(sh.N) * sh.K / 8, sink); return 0; }});
     vars.push_back({"8x1 items", grouped(N::GroupedGemv<bf16, 2, 1, 1, false>{}, true)});
-    vars.push_back({"16x1 span", grouped(N::GroupedGemv<bf16, 4, 1, 1, true>{}, true)});
+    vars.push_back({"16x1 bulk", grouped(N::GroupedGemv<bf16, 4, 1, 1, true>{}, true)});
     vars.push_back({"8x4 items", grouped(N::GroupedGemv<bf16, 2, 4, 1, false>{}, true)});
-    vars.push_back({"16x4 span", grouped(N::GroupedGemv<bf16, 4, 4, 1, true>{}, true)});
-    vars.push_back({"32x1 span", grouped(N::GroupedGemv<bf16, 8, 1, 1, true>{}, true)});
-    vars.push_back({"16x1 span, active only", grouped(N::GroupedGemv<bf16, 4, 1, 1, true>{}, false)});
+    vars.push_back({"16x4 bulk", grouped(N::GroupedGemv<bf16, 4, 4, 1, true>{}, true)});
+    vars.push_back({"16x1 bulk, active only", grouped(N::GroupedGemv<bf16, 4, 1, 1, true>{}, false)});
     printf("== %s: N=%d K=%d active=%d M=%d, %.1f MB\n", sh.name, sh.N, sh.K, sh.active, sh.M, bytes / 1e6);
     std::vector<uint16_t> ref;
     for (auto& var : vars) {
       const std::string& name = var.first;
       const auto& fn = var.second;
       // correctness vs the first gemv variant (bitwise: same per-row arithmetic)
+      if (once) printf("%-22s ...", name.c_str());
       CK(cudaMemsetAsync(dout, 0xff, size_t(sh.active) * sh.M * sh.N * 2, st));
       int rc = fn(0, st);
       CK(cudaStreamSynchronize(st));
@@ -160,8 +162,15 @@ int main(int argc, char** argv) {
         std::vector<uint16_t> out(size_t(sh.active) * sh.M * sh.N);
         CK(cudaMemcpy(out.data(), dout, out.size() * 2, cudaMemcpyDeviceToHost));
         if (ref.empty()) ref = out;
-        size_t bad = 0; for (size_t i = 0; i < out.size(); ++i) bad += out[i] != ref[i];
-        check = bad ? " MISMATCH " + std::to_string(bad) : " ok";
+        // Bitwise where the per-row arithmetic is the same (both schedules sum a lane's columns in
+        // order, then the same shuffle tree); else within bf16 rounding.
+        size_t diff = 0, bad = 0;
+        auto f = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float v; memcpy(&v, &u, 4); return v; };
+        for (size_t i = 0; i < out.size(); ++i) {
+          diff += out[i] != ref[i];
+          bad += !(std::fabs(f(out[i]) - f(ref[i])) <= 1e-2f * std::fabs(f(ref[i])) + 1e-2f);
+        }
+        check = bad ? " MISMATCH " + std::to_string(bad) : diff ? " ok (" + std::to_string(diff) + " differ in the last bits)" : " ok";
       }
       if (once) { printf("%-22s once%s\n", name.c_str(), check.c_str()); continue; }
       const float us = graph_us([&fn](int r, cudaStream_t t) { fn(r % Case::kSets, t); }, st);

@@ -8,15 +8,18 @@
 // from the device arrays (no setup kernel, nothing synchronises) and keeps the few A rows in L1.
 //
 // Work item: kRowsPerWarp * kWarps consecutive rows of B (columns of D) of one group, all of the
-// group's rows of A, kMaxM of them per pass (more rows re-stream the item's weights once per
-// pass: correct for any M, fast for M <= kMaxM). Two schedules walk the items of all non-empty
-// groups (measured on an H200 at one token, 22 of 512 experts, benchmarks/NOTES.md v6):
-// - items: persistent CTAs take items round-robin, each warp loads a K step of its rows and then
-//   does its FMAs. Best for long rows (down projection, K = 2688: 33.9 us against 37.9).
-// - span: each CTA takes one contiguous run of items, its warps interleaved over them, and every
-//   warp issues its next step's loads before the current step's FMAs, across row boundaries.
-//   Best where a row is a single step (up projection, K = 1024: 34.9 us against 38.0).
-// The tuner times both per stage (8-row configs run "items", 16- and 32-row ones "span").
+// group's rows of A, kMaxM of them per pass (more rows make more passes: correct for any M, fast
+// for M <= kMaxM). Two schedules walk the items of all non-empty groups (measured on an H200 with
+// 22 or 44 of 512 experts active, benchmarks/gemv_schedules.cu, NOTES.md v7):
+// - items: persistent CTAs take items round-robin, each warp loads a K step of its rows into
+//   registers and then does its FMAs. Best for long rows (down projection, K = 2688: 33.5 us
+//   against 36.3 at one token, 62.1 against 63.2 at two).
+// - bulk: one CTA per SM streams a contiguous run of items through a ring of shared-memory
+//   stages filled by the bulk-copy engine, consumer warps doing the FMAs from there. Best for
+//   short rows (up projection, K = 1024: 34.2 us against 37.8 at one token, 61.7 against 68.3 at
+//   two) and for several rows of A per pass (16x4: 34.2 against 43.9).
+// The tuner times both per stage (8-row configs run "items", 16- and 32-row ones "bulk"); the
+// dense launch (one group: the latent projections) runs "items" in both.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -73,9 +76,9 @@ __device__ __forceinline__ Out from_float(float v) {
     return __float2half_rn(v);
 }
 
-// kUnroll: loads per row in one K step.
-template <class Element_, int kRowsPerWarp_, int kMaxM, int kEpilogue, int kUnroll>
+template <class Element_, int kRowsPerWarp_, int kMaxM, int kEpilogue>
 struct Gemv {
+  static constexpr int kUnroll = 4;  // loads per row in one K step
   using Element = Element_;
   using ElementD = std::conditional_t<kEpilogue == kFloat32Out, float, Element>;
   static constexpr int kRowsPerWarp = kRowsPerWarp_;
@@ -172,65 +175,31 @@ struct Gemv {
       store(acc, d, n, m0, mc, row0, n);
     }
   }
-
-  // One warp, the span schedule: the row blocks row_begin, row_begin + stride * kRowsPerWarp,
-  // ... below row_end of one group, as one stream of K steps whose next step's loads are issued
-  // before the current step's FMAs (two register buffers), across row boundaries too.
-  static __device__ void span(const Element* __restrict__ a, const Element* __restrict__ b,
-                              ElementD* __restrict__ d, int m, int n, int k, int row_begin,
-                              int row_end, int stride) {
-    const int lane_base = threadIdx.x % 32 * kVec;
-    const int row_step = stride * kRowsPerWarp;
-    for (int m0 = 0; m0 < m; m0 += kMaxM) {  // more rows of A re-stream the span per pass
-      const int mc = min(kMaxM, m - m0);
-      const Element* arow = a + static_cast<size_t>(m0) * k;
-      // Cursors, warp-uniform (the lane's columns are kk + lane_base + u * kWarpK): the step
-      // being loaded (lrow, lk) runs one ahead of the step being summed (crow, ck).
-      int lrow = row_begin, lk = 0, crow = row_begin, ck = 0;
-      auto advance = [&](int& row, int& kk) {
-        kk += kStepK;
-        if (kk >= k) kk = 0, row += row_step;
-      };
-      auto issue = [&](Loads& v) {
-        const Element* brow[kRowsPerWarp];
-        rows(b, n, k, lrow, brow);
-        load(brow, k, lk + lane_base, v);
-        advance(lrow, lk);
-      };
-      auto consume = [&](const Loads& v, Acc& acc) {
-        fma(v, arow, k, mc, ck + lane_base, acc);
-        if (ck + kStepK >= k) store(acc, d, n, m0, mc, crow, row_end);  // the rows' last step
-        advance(crow, ck);
-      };
-      // Named buffers rather than an indexed pair, so both stay in registers.
-      Loads v0, v1;
-      Acc acc;
-      zero(acc);
-      if (lrow < row_end) issue(v0);
-      while (crow < row_end) {
-        if (lrow < row_end) issue(v1);
-        consume(v0, acc);
-        if (crow >= row_end) break;
-        if (lrow < row_end) issue(v0);
-        consume(v1, acc);
-      }
-    }
-  }
 };
 
-// first[g]: index of group g's first item, one block-wide scan per CTA over the shapes (a group
-// without rows has no items); returns the number of items.
-template <class G>
-__device__ int scan_items(int groups, const int32_t* __restrict__ mnk, int* first) {
-  __shared__ int warp_sums[kWarps];
+// first[g]: index of group g's first item, items_of(m, n, k) items for a group with rows (none
+// without); returns the number of items. Every thread of the block takes part. All shapes are
+// read before any is summed (the loads of a thread's groups are independent, so they overlap:
+// the shapes were just written by the routing kernel and come from L2), then the block scans the
+// counts in shared memory. (Four groups per thread per scan step cost the items kernel 8
+// registers, one CTA per SM, and 3 us on the down projection.)
+constexpr int kMaxBlockWarps = 32;
+
+template <class ItemsOf>
+__device__ int scan_items(int groups, const int32_t* __restrict__ mnk, int* first,
+                          ItemsOf items_of) {
+  __shared__ int warp_sums[kMaxBlockWarps];
   __shared__ int carry;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int threads = blockDim.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int g = threadIdx.x; g < groups; g += threads) {
+    const int m = mnk[3 * g];
+    first[g] = m > 0 ? items_of(m, mnk[3 * g + 1], mnk[3 * g + 2]) : 0;
+  }
+  __syncthreads();
   int running = 0;  // items of the groups before this chunk
-  for (int g0 = 0; g0 < groups; g0 += kThreads) {
+  for (int g0 = 0; g0 < groups; g0 += threads) {
     const int g = g0 + threadIdx.x;
-    int items = 0;
-    if (g < groups && mnk[3 * g] > 0)
-      items = (mnk[3 * g + 1] + G::kRowsPerItem - 1) / G::kRowsPerItem;
+    const int items = g < groups ? first[g] : 0;
     int incl = items;
 #pragma unroll
     for (int off = 1; off < 32; off *= 2) {
@@ -238,17 +207,23 @@ __device__ int scan_items(int groups, const int32_t* __restrict__ mnk, int* firs
       if (lane >= off) incl += v;
     }
     if (lane == 31) warp_sums[warp] = incl;
-    __syncthreads();
+    __syncthreads();  // every thread has read its group's count, too
     int before = running;
     for (int w = 0; w < warp; ++w) before += warp_sums[w];
     if (g < groups) first[g] = before + incl - items;
-    if (threadIdx.x == kThreads - 1) carry = before + incl;
+    if (threadIdx.x == threads - 1) carry = before + incl;
     __syncthreads();
     running = carry;
     __syncthreads();  // warp_sums and carry are rewritten by the next chunk
   }
   return running;
 }
+
+// Items of kRows weight rows each.
+template <int kRows>
+struct ItemsOfRows {
+  __device__ int operator()(int, int n, int) const { return (n + kRows - 1) / kRows; }
+};
 
 // The last group whose first item is <= it (empty groups share their successor's first item).
 __device__ __forceinline__ int group_of(const int* first, int groups, int it) {
@@ -268,39 +243,13 @@ grouped_items_kernel(int groups, const int32_t* __restrict__ mnk,
   using Element = typename G::Element;
   using ElementD = typename G::ElementD;
   extern __shared__ int first[];
-  const int total = scan_items<G>(groups, mnk, first);
+  const int total = scan_items(groups, mnk, first, ItemsOfRows<G::kRowsPerItem>{});
   const int row = (threadIdx.x / 32) * G::kRowsPerWarp;  // the warp's rows within an item
   for (int it = blockIdx.x; it < total; it += gridDim.x) {
     const int g = group_of(first, groups, it);
     G::item(static_cast<const Element*>(ptr_a[g]), static_cast<const Element*>(ptr_b[g]),
             static_cast<ElementD*>(ptr_d[g]), mnk[3 * g], mnk[3 * g + 1], mnk[3 * g + 2],
             (it - first[g]) * G::kRowsPerItem + row);
-  }
-}
-
-template <class G>
-__global__ void __launch_bounds__(kThreads)
-grouped_span_kernel(int groups, const int32_t* __restrict__ mnk,
-                    const void* const* __restrict__ ptr_a, const void* const* __restrict__ ptr_b,
-                    void* const* __restrict__ ptr_d) {
-  using Element = typename G::Element;
-  using ElementD = typename G::ElementD;
-  extern __shared__ int first[];
-  const int total = scan_items<G>(groups, mnk, first);
-  // The CTA's run [begin, end) of items, in row blocks of kRowsPerWarp: warp w takes blocks w,
-  // w + kWarps, ... of it.
-  const int warp = threadIdx.x / 32;
-  const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
-  const int end = static_cast<int>(static_cast<int64_t>(total) * (blockIdx.x + 1) / gridDim.x);
-  if (begin >= end) return;
-  for (int g = group_of(first, groups, begin); g < groups && first[g] < end; ++g) {
-    const int n = mnk[3 * g + 1];
-    const int lo = max(begin, first[g]) - first[g];  // the run's part of group g, in items
-    const int hi = (g + 1 < groups ? min(end, first[g + 1]) : end) - first[g];
-    if (lo >= hi) continue;  // an empty group
-    G::span(static_cast<const Element*>(ptr_a[g]), static_cast<const Element*>(ptr_b[g]),
-            static_cast<ElementD*>(ptr_d[g]), mnk[3 * g], n, mnk[3 * g + 2],
-            lo * G::kRowsPerItem + warp * G::kRowsPerWarp, min(n, hi * G::kRowsPerItem), kWarps);
   }
 }
 
@@ -314,21 +263,251 @@ dense_kernel(int m, int n, int k, const typename G::Element* __restrict__ a,
     G::item(a, b, d, m, n, k, it * G::kRowsPerItem + row);
 }
 
-// The C ABI of every grouped-GEMM library (grouped_gemm_exports.j2). kSpan: the grouped kernel's
-// schedule (see the top of this file); the dense kernel (one group, its rows dealt round-robin)
-// runs the items schedule either way.
-template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue, bool kSpan>
+// The bulk schedule. One CTA per SM: a producer warp whose one thread copies whole blocks of
+// weight rows (contiguous bytes) into a ring of shared-memory stages with the bulk-copy engine
+// (cp.async.bulk, completion counted on an mbarrier), and kBulkConsumers warps that do the FMAs
+// out of shared memory and hand each stage back. The register-fed items keep at most their load
+// registers in flight per SM; here kBulkStages * kBulkStageBytes are, which covers DRAM latency
+// from every SM at once. Measured on an H200 (benchmarks/bulk_read.cu, NOTES.md v7): such a ring
+// alone reads the one-token up projection's 121 MB at 4.3 TB/s with 8-32 KB copies, but one
+// issuing thread manages a copy per ~360 cycles (4 KB copies: 2.9 TB/s), hence a whole row
+// block per stage. What the FMAs add is the consumers' time: 16 warps summing row pairs, 4
+// stages (0.5-0.9 us faster than 6; 16 KB stages and warp-private rings were slower).
+constexpr int kBulkConsumers = 16;
+constexpr int kBulkThreads = 32 * (kBulkConsumers + 1);
+constexpr int kBulkStages = 4;
+constexpr int kBulkStageBytes = 32 * 1024;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void bar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+// Wait for the completion of the barrier's phase of this parity. Parity only tells the current
+// phase from the one before: a waiter must never be more than one phase ahead of the barrier
+// (here every consumer waits on every stage in order, and the producer on each stage's release).
+__device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n"
+      "WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+
+__device__ __forceinline__ void bar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Copy `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory;
+// the barrier's phase completes when they have landed. Weights are read once: evict them first
+// from L2, so the activations and the routing's small arrays stay.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+               "r"(bytes) : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1], %2, [%3], %4;" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes),
+      "r"(smem_addr(bar)), "l"(policy) : "memory");
+}
+
+__device__ __forceinline__ uint4 load_shared(const void* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem_addr(p)));
+  return v;
+}
+
+// kMaxRows: weight rows per block (one stage) at most; fewer where they would not fit.
+template <class Element_, int kMaxRows, int kMaxM, int kEpilogue>
+struct Bulk {
+  using Element = Element_;
+  using ElementD = std::conditional_t<kEpilogue == kFloat32Out, float, Element>;
+  static constexpr int kStageK = kBulkStageBytes / static_cast<int>(sizeof(Element));
+  static constexpr int kWarpRows = 2;  // rows a consumer warp sums at once
+
+  // Rows per block of a group whose rows have k elements. Rows longer than a stage (k > kStageK:
+  // 16384 in 16-bit types, beyond any model's projections) take no stage: the consumer warps
+  // stream them from global memory themselves.
+  static __device__ int rows_per_block(int k) {
+    return k > kStageK ? kBulkConsumers * kWarpRows : max(1, min(kMaxRows, kStageK / k));
+  }
+
+  // One consumer warp: D[:, row0 + r] = epilogue(A @ B[r]) for the rows r < rows (at most
+  // kWarpRows) at b, row stride k, in shared (kShared) or global memory. The rows share each
+  // load of A and give independent FMA chains.
+  template <bool kShared>
+  static __device__ void rows_of(const Element* __restrict__ a, const Element* b,
+                                 ElementD* __restrict__ d, int m, int n, int k, int row0,
+                                 int rows) {
+    const int lane = threadIdx.x % 32;
+    for (int m0 = 0; m0 < m; m0 += kMaxM) {  // more rows of A read the rows again
+      const int mc = min(kMaxM, m - m0);
+      const Element* arow = a + static_cast<size_t>(m0) * k;
+      float acc[kMaxM][kWarpRows];
+#pragma unroll
+      for (int i = 0; i < kMaxM; ++i)
+#pragma unroll
+        for (int r = 0; r < kWarpRows; ++r) acc[i][r] = 0.f;
+#pragma unroll 2
+      for (int c = lane * kVec; c < k; c += kWarpK) {
+        float bf[kWarpRows][kVec];
+#pragma unroll
+        for (int r = 0; r < kWarpRows; ++r) {
+          const Element* p = b + static_cast<size_t>(min(r, rows - 1)) * k + c;
+          to_float<Element>(kShared ? load_shared(p) : load_stream(p), bf[r]);
+        }
+#pragma unroll
+        for (int i = 0; i < kMaxM; ++i) {
+          if (i < mc) {
+            float af[kVec];
+            to_float<Element>(__ldg(reinterpret_cast<const uint4*>(arow + i * k + c)), af);
+#pragma unroll
+            for (int r = 0; r < kWarpRows; ++r)
+#pragma unroll
+              for (int e = 0; e < kVec; ++e) acc[i][r] = fmaf(af[e], bf[r][e], acc[i][r]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxM; ++i) {
+        if (i >= mc) break;
+#pragma unroll
+        for (int r = 0; r < kWarpRows; ++r) {
+          float sum = acc[i][r];
+#pragma unroll
+          for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          if (lane == 0 && r < rows) {
+            if constexpr (kEpilogue == kRelu2) sum = Relu2<float>()(sum);
+            d[static_cast<size_t>(m0 + i) * n + row0 + r] = from_float<ElementD>(sum);
+          }
+        }
+      }
+    }
+  }
+
+  // visit(g, m, n, k, row0, rows) for blocks [begin, end) of the groups, in order; group g's
+  // blocks are numbered from first[g] (scan_items).
+  template <class Visit>
+  static __device__ void for_each(int groups, const int* first, const int32_t* mnk, int begin,
+                                  int end, Visit&& visit) {
+    for (int g = group_of(first, groups, begin); g < groups && first[g] < end; ++g) {
+      const int lo = max(begin, first[g]) - first[g];
+      const int hi = (g + 1 < groups ? min(end, first[g + 1]) : end) - first[g];
+      if (lo >= hi) continue;  // an empty group
+      const int m = mnk[3 * g], n = mnk[3 * g + 1], k = mnk[3 * g + 2];
+      const int rows = rows_per_block(k);
+      for (int blk = lo; blk < hi; ++blk)
+        visit(g, m, n, k, blk * rows, min(rows, n - blk * rows));
+    }
+  }
+
+  // Blocks [begin, end), one stage each, dealt in order: the producer (warp kBulkConsumers, one
+  // thread) and every consumer warp walk the same sequence, so each consumer waits on every
+  // stage in turn (the parity wait stays within a phase). The consumers take the run's row pairs
+  // round-robin across stages (pair q: warp q % kBulkConsumers), so a warp with nothing in one
+  // stage releases it at once and goes on to the next.
+  static __device__ void run(int groups, const int* first, const int32_t* __restrict__ mnk,
+                             const void* const* __restrict__ ptr_a,
+                             const void* const* __restrict__ ptr_b,
+                             void* const* __restrict__ ptr_d, int begin, int end,
+                             unsigned char* stages, uint64_t* full, uint64_t* empty) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int i = 0;  // stage uses so far
+    if (warp == kBulkConsumers) {
+      if (lane != 0) return;
+      for_each(groups, first, mnk, begin, end, [&](int g, int, int, int k, int row0, int rows) {
+        if (k > kStageK) return;
+        const int s = i % kBulkStages;
+        bar_wait(&empty[s], ((i / kBulkStages) & 1) ^ 1);  // a fresh barrier passes parity 1
+        ++i;
+        bulk_load(stages + s * kBulkStageBytes,
+                  static_cast<const Element*>(ptr_b[g]) + static_cast<size_t>(row0) * k,
+                  static_cast<uint32_t>(rows * k * sizeof(Element)), &full[s]);
+      });
+      return;
+    }
+    int q0 = 0;  // row pairs before this block
+    for_each(groups, first, mnk, begin, end, [&](int g, int m, int n, int k, int row0, int rows) {
+      const auto* a = static_cast<const Element*>(ptr_a[g]);
+      const auto* b = static_cast<const Element*>(ptr_b[g]);
+      auto* d = static_cast<ElementD*>(ptr_d[g]);
+      const int pairs = (rows + kWarpRows - 1) / kWarpRows;
+      // This warp's first pair in the block, as a pair index of the run.
+      const int q1 = q0 + ((warp - q0) % kBulkConsumers + kBulkConsumers) % kBulkConsumers;
+      const int first_pair = q0;
+      q0 += pairs;
+      if (k > kStageK) {
+        for (int q = q1; q < q0; q += kBulkConsumers) {
+          const int r = (q - first_pair) * kWarpRows;
+          rows_of<false>(a, b + static_cast<size_t>(row0 + r) * k, d, m, n, k, row0 + r,
+                         min(kWarpRows, rows - r));
+        }
+        return;
+      }
+      const int s = i % kBulkStages;
+      bar_wait(&full[s], (i / kBulkStages) & 1);
+      ++i;
+      const auto* tile = reinterpret_cast<const Element*>(stages + s * kBulkStageBytes);
+      for (int q = q1; q < q0; q += kBulkConsumers) {
+        const int r = (q - first_pair) * kWarpRows;
+        rows_of<true>(a, tile + r * k, d, m, n, k, row0 + r, min(kWarpRows, rows - r));
+      }
+      __syncwarp();
+      if (lane == 0) bar_arrive(&empty[s]);
+    });
+  }
+};
+
+template <class B>
+struct BulkItems {
+  __device__ int operator()(int, int n, int k) const {
+    const int rows = B::rows_per_block(k);
+    return (n + rows - 1) / rows;
+  }
+};
+
+template <class B>
+__global__ void __launch_bounds__(kBulkThreads, 1)
+grouped_bulk_kernel(int groups, const int32_t* __restrict__ mnk,
+                    const void* const* __restrict__ ptr_a, const void* const* __restrict__ ptr_b,
+                    void* const* __restrict__ ptr_d) {
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  // full[s]: stage s has landed; empty[s]: every consumer warp is done with it.
+  __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
+  int* first = reinterpret_cast<int*>(bulk_smem + kBulkStages * kBulkStageBytes);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkStages; ++s)
+      bar_init(&full[s], 1), bar_init(&empty[s], kBulkConsumers);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  const int total = scan_items(groups, mnk, first, BulkItems<B>{});  // syncs the block
+  // The CTA's contiguous run [begin, end) of blocks.
+  const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
+  const int end = static_cast<int>(static_cast<int64_t>(total) * (blockIdx.x + 1) / gridDim.x);
+  if (begin >= end) return;
+  B::run(groups, first, mnk, ptr_a, ptr_b, ptr_d, begin, end, bulk_smem, full, empty);
+}
+
+// The C ABI of every grouped-GEMM library (grouped_gemm_exports.j2). kBulk: the grouped launch's
+// schedule (see the top of this file); the dense launch runs the items schedule either way.
+template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue, bool kBulk>
 struct GroupedGemv {
-  using Items = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue, 4>;
-  // Two buffers of two loads per row: the registers of one buffer of four.
-  using Span = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue, 2>;
+  using Items = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue>;
+  using Stream = Bulk<Element_, kRowsPerWarp * kWarps, kMaxM, kEpilogue>;
+  static constexpr size_t kStageSmem = size_t(kBulkStages) * kBulkStageBytes;
 
   static size_t workspace_size(int, int) { return 0; }
 
   template <class Kernel>
-  static int blocks_per_sm(Kernel kernel, size_t smem) {
+  static int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
     int per_sm = 0;  // host-side occupancy query, no device work
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) !=
         cudaSuccess)
       return 0;
     return per_sm;
@@ -355,14 +534,26 @@ struct GroupedGemv {
         ptr_b == nullptr || ptr_d == nullptr)
       return fail(kBadArgument, "groups must be in 1..8192 and the shape/pointer arrays non-null");
     if (int s = check(sm_count, raster, swizzle); s != kOk) return s;
-    const size_t smem = sizeof(int) * groups;  // at most 32 KB: no opt-in needed
+    // Item offsets of every group (at most 32 KB), after the bulk kernel's stages.
+    const size_t smem = (kBulk ? kStageSmem : 0) + sizeof(int) * groups;
+    const int threads = kBulk ? kBulkThreads : kThreads;
+    if constexpr (kBulk) {
+      // The stages need the opt-in to more than 48 KB of shared memory: once, for the largest
+      // launch (the most groups). A host-side attribute, no device work.
+      static const cudaError_t opted =
+          cudaFuncSetAttribute(grouped_bulk_kernel<Stream>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(kStageSmem + sizeof(int) * kMaxGroups));
+      if (opted != cudaSuccess)
+        return fail(kCannotImplement, "the bulk kernel's shared memory", cudaGetErrorString(opted));
+    }
     auto kernel = [] {
-      if constexpr (kSpan) return grouped_span_kernel<Span>;
+      if constexpr (kBulk) return grouped_bulk_kernel<Stream>;
       else return grouped_items_kernel<Items>;
     }();
-    const int per_sm = blocks_per_sm(kernel, smem);
+    const int per_sm = blocks_per_sm(kernel, threads, smem);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
-    kernel<<<per_sm * sm_count, kThreads, smem, stream>>>(groups, mnk, ptr_a, ptr_b, ptr_d);
+    kernel<<<per_sm * sm_count, threads, smem, stream>>>(groups, mnk, ptr_a, ptr_b, ptr_d);
     return launched("gemv launch");
   }
 
@@ -373,7 +564,7 @@ struct GroupedGemv {
     if (int s = check(sm_count, raster, swizzle); s != kOk) return s;
     if (m == 0) return kOk;
     auto kernel = dense_kernel<Items>;
-    const int per_sm = blocks_per_sm(kernel, 0);
+    const int per_sm = blocks_per_sm(kernel, kThreads, 0);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
     const int items = (n + Items::kRowsPerItem - 1) / Items::kRowsPerItem;
     kernel<<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(

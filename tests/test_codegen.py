@@ -40,7 +40,7 @@ def test_gemv_render_carries_rows_per_warp_rows_per_pass_epilogue_and_schedule()
     text = render(KernelConfig(8, 1, 256, 1, 1, "gemv", True, "f32", "fp16"))
     assert '#include "gemv.cuh"' in text
     assert "GroupedGemv<__half, 2, 1,\n" in text and "2, false>;" in text
-    # Items of 16 rows and more stream a contiguous run per CTA.
+    # Items of 16 rows and more stream through shared memory (the bulk schedule).
     assert "4, 1,\n" in (text := render(KernelConfig(16, 1, 256, 1, 1, "gemv", True)))
     assert "0, true>;" in text
 
