@@ -489,12 +489,20 @@ def test_invalid_points_never_reach_the_evaluator(tmp_path):
     assert all(name in space.by_name for name, _, _ in ev.calls)
     study = _studies(_storage(_journal(tmp_path)))[("down", 32)]
     assert study.user_attrs["sampler"] == "tpe"
+    skipped = 0
     for t in study.trials:
-        if t.state == TrialState.PRUNED:
+        if t.state == TrialState.PRUNED and t.user_attrs["outcome"] == "skipped":
+            # A valid point that does not apply at this bucket (a gemv kernel that would stream
+            # the weights too often): settled without the evaluator too. TPE, seeded per
+            # process, reaches one in some runs and not in others.
+            assert is_gemv(space.by_name[t.user_attrs["config"]]) and t.user_attrs["skip_reason"]
+            skipped += 1
+        elif t.state == TrialState.PRUNED:
             assert t.user_attrs["outcome"] == "invalid" and t.user_attrs["invalid_reason"]
             assert t.constraints == {"valid": 1.0}
             assert t.user_attrs.get("config") is None
-    assert len(_evaluated(study)) == 14 == len(ev.calls) == len({c[0] for c in ev.calls})
+    assert len(_evaluated(study)) + skipped == 14
+    assert len(_evaluated(study)) == len(ev.calls) == len({c[0] for c in ev.calls})
 
 
 def test_interrupted_run_resumes_keeping_finished_trials(tmp_path):
