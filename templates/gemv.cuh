@@ -121,9 +121,9 @@ struct Gemv {
     }
   }
 
-  // Warp-reduce the rows' sums, apply the epilogue, store rows row0 + r < row_end; zero acc.
+  // Warp-reduce the rows' sums, apply the epilogue, store rows row0 + r < n; zero acc.
   static __device__ __forceinline__ void store(Acc& acc, ElementD* d, int n, int m0, int mc,
-                                               int row0, int row_end) {
+                                               int row0) {
 #pragma unroll
     for (int i = 0; i < kMaxM; ++i) {
       if (i >= mc) break;  // those accumulators stayed zero
@@ -133,7 +133,7 @@ struct Gemv {
         acc[i][r] = 0.f;
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (threadIdx.x % 32 == 0 && row0 + r < row_end) {
+        if (threadIdx.x % 32 == 0 && row0 + r < n) {
           if constexpr (kEpilogue == kRelu2) sum = Relu2<float>()(sum);
           d[static_cast<size_t>(m0 + i) * n + row0 + r] = from_float<ElementD>(sum);
         }
@@ -172,7 +172,7 @@ struct Gemv {
         load(brow, k, base, v);
         fma(v, arow, k, mc, base, acc);
       }
-      store(acc, d, n, m0, mc, row0, n);
+      store(acc, d, n, m0, mc, row0);
     }
   }
 };
