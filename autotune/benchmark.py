@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input sets rotated through the timed calls (default %(default)s)")
     parser.add_argument("--replays", type=int, default=20,
                         help="timed graph replays per measurement (default %(default)s)")
+    parser.add_argument("--settle-ms", type=float, default=100.0,
+                        help="untimed graph replays before each measurement, in ms, so every "
+                             "implementation is timed at steady clocks (default %(default)s)")
     parser.add_argument("--reference-max-tokens", type=int, default=2048,
                         help="time the reference only up to this many tokens; above it the "
                              "oracle still runs once as the check (default %(default)s)")
@@ -131,7 +134,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--activation", act]
     parts += ["--tokens", ",".join(map(str, parse_tokens(args.tokens))),
               "--impl", ",".join(parse_impls(args.impl)), "--rotate", str(args.rotate),
-              "--replays", str(args.replays), "--reference-max-tokens",
+              "--replays", str(args.replays), "--settle-ms", f"{args.settle_ms:g}",
+              "--reference-max-tokens",
               str(args.reference_max_tokens), "--tolerance", str(args.tolerance),
               "--seed", str(args.seed), "--out-dir", str(args.out_dir)]
     return shlex.join(parts)
@@ -146,6 +150,7 @@ class Options:
     impls: tuple[str, ...]
     rotate: int = 4
     replays: int = 20
+    settle_ms: float = 100.0
     reference_max_tokens: int = 2048
     tolerance: float = 1e-2
     seed: int = 0
@@ -237,7 +242,8 @@ def _measure_impl(name, fn, xs, oracle, tokens, opts: Options) -> dict[str, Any]
         timing, method, note = time_eager(fns, opts.replays), "eager", None
     else:
         try:
-            timing, method, note = time_graph(fns, replays=opts.replays), "graph", None
+            timing = time_graph(fns, replays=opts.replays, settle_ms=opts.settle_ms)
+            method, note = "graph", None
         except Exception as e:
             torch.cuda.synchronize()
             note = f"graph capture failed ({type(e).__name__}: {e}); timed eagerly"
@@ -507,12 +513,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokens = parse_tokens(args.tokens)
         opts = Options(impls=tuple(parse_impls(args.impl)), rotate=args.rotate,
-                       replays=args.replays, reference_max_tokens=args.reference_max_tokens,
+                       replays=args.replays, settle_ms=args.settle_ms,
+                       reference_max_tokens=args.reference_max_tokens,
                        tolerance=args.tolerance, seed=args.seed)
         problems = variant_problems(args.preset, args.activation)
         if opts.rotate < 1 or opts.replays < 1:
             raise ValueError(f"--rotate/--replays: expected >= 1, got {opts.rotate}, "
                              f"{opts.replays}")
+        if not opts.settle_ms >= 0:
+            raise ValueError(f"--settle-ms: expected >= 0, got {opts.settle_ms}")
         command = command_line(args)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,8 @@
 //   short rows (up projection, K = 1024: 34.2 us against 37.8 at one token, 61.7 against 68.3 at
 //   two) and for several rows of A per pass (16x4: 34.2 against 43.9).
 // The tuner times both per stage (8-row configs run "items", 16- and 32-row ones "bulk"); the
-// dense launch (one group: the latent projections) runs "items" in both.
+// dense launch (one group: the latent projections) runs "items" in both, with K split over the
+// warps of a CTA where it is long (dense_split_kernel).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -82,28 +83,34 @@ struct Gemv {
   using Element = Element_;
   using ElementD = std::conditional_t<kEpilogue == kFloat32Out, float, Element>;
   static constexpr int kRowsPerWarp = kRowsPerWarp_;
+  static constexpr int kRowsOfA = kMaxM;  // rows of A per pass
+  // CTAs per SM the dense launch asks registers for (64, 102, 128 registers a thread): 8 keeps
+  // a split fc1 (1024 items of 2 rows for the Super preset) in one wave on 132 SMs.
+  static constexpr int kDenseMinBlocks = kRowsPerWarp * kMaxM <= 2   ? 8
+                                         : kRowsPerWarp * kMaxM <= 4 ? 5
+                                                                     : 4;
   static constexpr int kRowsPerItem = kRowsPerWarp * kWarps;
   static constexpr int kStepK = kUnroll * kWarpK;
   using Loads = uint4[kUnroll][kRowsPerWarp];
   using Acc = float[kMaxM][kRowsPerWarp];
 
-  // Loads of one K step (columns base + u * kWarpK) of the rows at brow.
-  static __device__ __forceinline__ void load(const Element* const (&brow)[kRowsPerWarp], int k,
-                                              int base, Loads& v) {
+  // Loads of one K step (columns base + u * kWarpK, those before kend) of the rows at brow.
+  static __device__ __forceinline__ void load(const Element* const (&brow)[kRowsPerWarp],
+                                              int kend, int base, Loads& v) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r)
-        if (base + u * kWarpK < k) v[u][r] = load_stream(brow[r] + base + u * kWarpK);
+        if (base + u * kWarpK < kend) v[u][r] = load_stream(brow[r] + base + u * kWarpK);
   }
 
-  // The FMAs of one K step against mc <= kMaxM rows of A (read through L1).
-  static __device__ __forceinline__ void fma(const Loads& v, const Element* arow, int k, int mc,
-                                             int base, Acc& acc) {
+  // The FMAs of one K step against mc <= kMaxM rows of A (row stride k, read through L1).
+  static __device__ __forceinline__ void fma(const Loads& v, const Element* arow, int k,
+                                             int kend, int mc, int base, Acc& acc) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int kk = base + u * kWarpK;
-      if (kk >= k) break;
+      if (kk >= kend) break;
       float bf[kRowsPerWarp][kVec];
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) to_float<Element>(v[u][r], bf[r]);
@@ -133,12 +140,14 @@ struct Gemv {
         acc[i][r] = 0.f;
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (threadIdx.x % 32 == 0 && row0 + r < n) {
-          if constexpr (kEpilogue == kRelu2) sum = Relu2<float>()(sum);
-          d[static_cast<size_t>(m0 + i) * n + row0 + r] = from_float<ElementD>(sum);
-        }
+        if (threadIdx.x % 32 == 0 && row0 + r < n) put(d, n, m0 + i, row0 + r, sum);
       }
     }
+  }
+
+  static __device__ __forceinline__ void put(ElementD* d, int n, int i, int row, float sum) {
+    if constexpr (kEpilogue == kRelu2) sum = Relu2<float>()(sum);
+    d[static_cast<size_t>(i) * n + row] = from_float<ElementD>(sum);
   }
 
   static __device__ __forceinline__ void zero(Acc& acc) {
@@ -170,9 +179,52 @@ struct Gemv {
       for (int base = threadIdx.x % 32 * kVec; base < k; base += kStepK) {
         Loads v;
         load(brow, k, base, v);
-        fma(v, arow, k, mc, base, acc);
+        fma(v, arow, k, k, mc, base, acc);
       }
       store(acc, d, n, m0, mc, row0);
+    }
+  }
+
+  // One warp of a split item (dense launch): the warp's part [kbegin, kend) of K for the rows
+  // at row0. The CTA's `split` consecutive warps share the rows and add their partial sums
+  // through shared memory in part order (deterministic), the first of them storing; every warp
+  // of the CTA calls it with the same m and split (the block synchronises).
+  static __device__ void split_item(const Element* __restrict__ a, const Element* __restrict__ b,
+                                    ElementD* __restrict__ d, int m, int n, int k, int row0,
+                                    int kbegin, int kend, int split,
+                                    float (*partial)[kMaxM][kRowsPerWarp]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const Element* brow[kRowsPerWarp];
+    rows(b, n, k, row0, brow);
+    for (int m0 = 0; m0 < m; m0 += kMaxM) {
+      const int mc = min(kMaxM, m - m0);
+      const Element* arow = a + static_cast<size_t>(m0) * k;
+      Acc acc;
+      zero(acc);
+      for (int base = kbegin + lane * kVec; base < kend; base += kStepK) {
+        Loads v;
+        load(brow, kend, base, v);
+        fma(v, arow, k, kend, mc, base, acc);
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxM; ++i)
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          float sum = acc[i][r];
+#pragma unroll
+          for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          if (lane == 0) partial[warp][i][r] = sum;
+        }
+      __syncthreads();
+      if (warp % split == 0 && lane == 0)
+        for (int i = 0; i < mc; ++i)
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) {
+            float sum = partial[warp][i][r];
+            for (int p = 1; p < split; ++p) sum += partial[warp + p][i][r];
+            if (row0 + r < n) put(d, n, m0 + i, row0 + r, sum);
+          }
+      __syncthreads();  // partial is rewritten by the next pass
     }
   }
 };
@@ -261,6 +313,28 @@ dense_kernel(int m, int n, int k, const typename G::Element* __restrict__ a,
   const int row = (threadIdx.x / 32) * G::kRowsPerWarp;
   for (int it = blockIdx.x; it < total; it += gridDim.x)
     G::item(a, b, d, m, n, k, it * G::kRowsPerItem + row);
+}
+
+// The dense launch where K has two or more steps: `split` (2 or 4) consecutive warps share an
+// item's rows, each summing its part of K. In one warp a long K is several dependent round
+// trips to DRAM per item; split, each warp's part is about one K step, and all of a few-token
+// projection's weights can be in flight at once (fc1 of the Super preset, K = 4096: 8.7 -> 7.1
+// us at one token on an H200, NOTES.md v8).
+template <class G>
+__global__ void __launch_bounds__(kThreads, G::kDenseMinBlocks)
+dense_split_kernel(int m, int n, int k, int split, const typename G::Element* __restrict__ a,
+                   const typename G::Element* __restrict__ b,
+                   typename G::ElementD* __restrict__ d) {
+  __shared__ float partial[kWarps][G::kRowsOfA][G::kRowsPerWarp];
+  const int warp = threadIdx.x / 32;
+  const int rows_per_item = G::kRowsPerWarp * (kWarps / split);
+  const int total = (n + rows_per_item - 1) / rows_per_item;
+  const int steps = (k + G::kStepK - 1) / G::kStepK;
+  const int per_part = (steps + split - 1) / split * G::kStepK;
+  const int kbegin = warp % split * per_part, kend = min(k, kbegin + per_part);
+  for (int it = blockIdx.x; it < total; it += gridDim.x)
+    G::split_item(a, b, d, m, n, k, it * rows_per_item + warp / split * G::kRowsPerWarp, kbegin,
+                  kend, split, partial);
 }
 
 // The bulk schedule. One CTA per SM: a producer warp whose one thread copies whole blocks of
@@ -563,14 +637,26 @@ struct GroupedGemv {
       return fail(kBadArgument, "m >= 0, n > 0, k > 0 a multiple of 8, non-null pointers");
     if (int s = check(sm_count, raster, swizzle); s != kOk) return s;
     if (m == 0) return kOk;
-    auto kernel = dense_kernel<Items>;
-    const int per_sm = blocks_per_sm(kernel, kThreads, 0);
-    if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
-    const int items = (n + Items::kRowsPerItem - 1) / Items::kRowsPerItem;
-    kernel<<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(
-        m, n, k, static_cast<const typename Items::Element*>(a),
-        static_cast<const typename Items::Element*>(b),
-        static_cast<typename Items::ElementD*>(d));
+    const auto* pa = static_cast<const typename Items::Element*>(a);
+    const auto* pb = static_cast<const typename Items::Element*>(b);
+    auto* pd = static_cast<typename Items::ElementD*>(d);
+    // Split K over 2 or 4 warps where it has that many steps.
+    const int steps = (k + Items::kStepK - 1) / Items::kStepK;
+    static_assert(kWarps == 4, "a split takes 2 or 4 of the CTA's warps");
+    const int split = steps >= 4 ? 4 : steps >= 2 ? 2 : 1;
+    const int rows_per_item = Items::kRowsPerWarp * (kWarps / split);
+    const int items = (n + rows_per_item - 1) / rows_per_item;
+    if (split == 1) {
+      const int per_sm = blocks_per_sm(dense_kernel<Items>, kThreads, 0);
+      if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
+      dense_kernel<Items><<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(m, n, k, pa, pb,
+                                                                                 pd);
+    } else {
+      const int per_sm = blocks_per_sm(dense_split_kernel<Items>, kThreads, 0);
+      if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
+      dense_split_kernel<Items><<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(
+          m, n, k, split, pa, pb, pd);
+    }
     return launched("gemv launch");
   }
 };

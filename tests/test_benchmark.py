@@ -74,6 +74,7 @@ def test_repeated_and_comma_separated_flags():
     assert cmd.startswith("python -m autotune bench --preset nemotron-3-super --preset "
                           "nemotron-3-ultra --activation relu2 --activation swiglu")
     assert "--impl grouped_mm,triton,reference" in cmd and "--tokens 4,16" in cmd
+    assert "--settle-ms 100" in cmd
 
 
 @pytest.mark.parametrize("text", ["", "1,x", "0,4", "-2"])
@@ -93,6 +94,8 @@ def test_run_rejects_bad_flags(capsys):
     assert benchmark.run(parse(["--tokens", "0"])) == 2
     assert "--tokens" in capsys.readouterr().err
     assert benchmark.run(parse(["--replays", "0"])) == 2
+    assert benchmark.run(parse(["--settle-ms", "-1"])) == 2
+    assert "--settle-ms" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
@@ -140,7 +143,8 @@ def test_bench_problem_dry_run_on_cpu(monkeypatch):
     from autotune import bench
 
     fake = bench.Timing(1.5, 1.4, 1.6, 3)
-    monkeypatch.setattr(bench, "time_graph", lambda fns, replays: [f() for f in fns] and fake)
+    monkeypatch.setattr(bench, "time_graph",
+                        lambda fns, replays, settle_ms: [f() for f in fns] and fake)
     monkeypatch.setattr(benchmark, "time_eager", lambda fns, replays: fake)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     problem = LatentMoEProblem(hidden_size=64, latent_size=32, intermediate_size=48,

@@ -165,10 +165,13 @@ def test_epilogues_match_torch(config):
 
 @pytest.mark.parametrize("config", SM90[-1:] + GEMV, ids=lambda c: c.name)
 @pytest.mark.parametrize("m", [1, 3, 9])
-def test_dense_matches_torch(kernels, config, m):
+@pytest.mark.parametrize("k", [200, 2056, 4104])
+def test_dense_matches_torch(kernels, config, m, k):
     # One group through run_dense (the latent projections); 9 rows take several gemv passes.
-    gen = torch.Generator(device="cuda").manual_seed(m)
-    n, k = 136, 200
+    # The gemv splits K over 2 warps from 1025 columns and over 4 from 3073 (4104: the last
+    # part is empty).
+    gen = torch.Generator(device="cuda").manual_seed(m * k)
+    n = 136
     a = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     b = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(torch.bfloat16)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
