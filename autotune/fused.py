@@ -19,7 +19,8 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 5. grouped GEMM 1 with relu2 in its epilogue (SwiGLU: plain GEMM, then a SwiGLU kernel).
 6. grouped GEMM 2.
 7. combine: routing-weighted sum over the top-k in fp32, fixed order (deterministic).
-8. ``fc2_latent_proj`` as one GEMM.
+8. ``fc2_latent_proj`` as one GEMM. Where fc2 runs the gemv (decode), steps 7 and 8 are one
+   launch: each CTA sums the combine into shared memory while its first fc2 weights stream in.
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ class FusedLatentMoE:
     fc1 : Tensor [latent, hidden] or None (then the experts read x, or the ``xe`` given to call)
     up_proj, down_proj : Tensors [E, I or 2I, width], [E, width, I]
     fc2 : Tensor [hidden, latent] or None
-    unfused : set of {"router_fc1", "relu2"}
+    unfused : set of {"router_fc1", "relu2", "combine_fc2"}
         Fusions to undo, for before/after measurements only: "router_fc1" runs fc1 as its own
         GEMM (bf16 out) beside a router-only GEMM; "relu2" runs grouped GEMM 1 with a plain
-        epilogue and the activation as separate torch ops.
+        epilogue and the activation as separate torch ops; "combine_fc2" runs the combine
+        kernel and then fc2 where they would be one launch.
     arch : str, optional
         Whose kernels run (default: the device's architecture); "sm80" on an sm90 GPU runs the
         CUTLASS 2.x kernels through their PTX, as an A100 would.
@@ -137,8 +139,9 @@ class FusedLatentMoE:
     def __init__(self, problem, gate_weight, e_score_correction_bias, fc1, up_proj, down_proj,
                  fc2, unfused=frozenset(), arch: str | None = None):
         self.unfused = frozenset(unfused)
-        if not self.unfused <= {"router_fc1", "relu2"}:
-            raise ValueError(f"unfused: expected a subset of router_fc1, relu2; got {unfused}")
+        if not self.unfused <= {"router_fc1", "relu2", "combine_fc2"}:
+            raise ValueError("unfused: expected a subset of router_fc1, relu2, combine_fc2; got "
+                             f"{unfused}")
         self.problem = problem
         self.dtype = up_proj.dtype
         self.device = up_proj.device
@@ -164,16 +167,22 @@ class FusedLatentMoE:
         self.down = down_proj.contiguous()
         self.fc2 = None if fc2 is None else fc2.to(self.dtype).contiguous()
         self.routing: Routing = load_routing(RoutingConfig(_DTYPE_NAMES[self.dtype], self.arch))
-        self._plans: dict[int, tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...]]] = {}
+        self._plans: dict[int, tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...], bool]] = {}
 
-    def kernels(self, tokens: int) -> tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...]]:
-        """Loaded kernels for ``tokens`` and their tile orders, in :meth:`Plan.configs` order
-        (resolved once per token count, never per call)."""
+    def kernels(self, tokens: int) -> tuple[tuple[GroupedGemm, ...], tuple[TileOrder, ...],
+                                            bool]:
+        """Loaded kernels for ``tokens``, their tile orders (both in :meth:`Plan.configs`
+        order) and whether fc2 runs the combine launch (resolved once per token count, never
+        per call)."""
         if tokens not in self._plans:
             plan = tuned_plan(self.problem, tokens, self.arch)
             if "relu2" in self.unfused:
                 plan = replace(plan, up=plan.up.with_epilogue("identity"))
-            self._plans[tokens] = tuple(load(c) for c in plan.configs()), plan.orders
+            kernels = tuple(load(c) for c in plan.configs())
+            p = self.problem
+            combine = (self.fc2 is not None and "combine_fc2" not in self.unfused
+                       and kernels[3].combines(tokens, p.expert_width, p.top_k))
+            self._plans[tokens] = kernels, plan.orders, combine
         return self._plans[tokens]
 
     def __call__(self, x: torch.Tensor, xe: torch.Tensor | None = None,
@@ -185,7 +194,7 @@ class FusedLatentMoE:
         width, inter, up_rows = p.expert_width, p.intermediate_size, p.up_rows
         if t == 0:
             return x.new_empty(0, p.hidden_size if self.fc2 is not None else width)
-        (router, up, down, fc2), (o_router, o_up, o_down, o_fc2) = self.kernels(t)
+        (router, up, down, fc2), (o_router, o_up, o_down, o_fc2), combine = self.kernels(t)
 
         def new(*shape, dtype=self.dtype):
             # Sizes depend on T only, never on the routing: the caching allocator serves them
@@ -223,6 +232,8 @@ class FusedLatentMoE:
         if p.activation == "swiglu":
             self.routing("swiglu", h1, h2, rows, inter)
         down.run(mnk2, ptrs2[0], ptrs2[1], ptrs2[2], o_down)
+        if combine:
+            return fc2.combine_dense(y2, weights, row_of, self.fc2, new(t, self.fc2.shape[0]))
         y_lat = new(t, width)
         self.routing("combine", y2, weights, row_of, t, k, width, y_lat)
         if self.fc2 is None:

@@ -51,6 +51,16 @@ class GroupedGemm:
         self._run_dense.restype = ctypes.c_int
         self._last_error = getattr(lib, f"{prefix}_last_error")
         self._last_error.restype = ctypes.c_char_p
+        # Only the gemv libraries have the combine launch (fc2 with the MoE combine before it).
+        self._combine_fits = getattr(lib, f"{prefix}_combine_fits", None)
+        self._run_combine = getattr(lib, f"{prefix}_run_combine_dense", None)
+        if self._run_combine is not None:
+            self._combine_fits.argtypes = [ctypes.c_int] * 3
+            self._combine_fits.restype = ctypes.c_int
+            # m, n, k, top_k, y, weights, row_of, b, d, SM count, stream.
+            self._run_combine.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [
+                ctypes.c_int, ctypes.c_void_p]
+            self._run_combine.restype = ctypes.c_int
         self._lib = lib
         self._workspaces: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -116,6 +126,31 @@ class GroupedGemm:
         stream = torch.cuda.current_stream(a.device).cuda_stream
         self._check(self._run_dense(m, n, k, a.data_ptr(), b.data_ptr(), out.data_ptr(),
                                     ws.data_ptr(), ws.numel(), sms, *order.abi, stream))
+        return out
+
+    def combines(self, tokens: int, k: int, top_k: int) -> bool:
+        """Whether :meth:`combine_dense` takes ``tokens`` tokens of ``k`` columns with
+        ``top_k`` pairs each (gemv libraries, a few tokens)."""
+        return self._run_combine is not None and bool(self._combine_fits(tokens, k, top_k))
+
+    def combine_dense(self, y: torch.Tensor, weights: torch.Tensor, row_of: torch.Tensor,
+                      b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out[t] = epilogue(b @ a[t])`` with ``a[t] = sum_j weights[t, j] * y[row_of[t * top_k
+        + j]]`` (summed in fp32 in a fixed order, rounded to y's dtype): the MoE combine and
+        fc2 in one launch.
+
+        Requirements
+        ------------
+        :meth:`combines` holds; y [rows, K] and b [N, K] of the config's dtype, weights
+        [T, top_k] fp32, row_of [T * top_k] int32 rows of y, out [T, N] of :attr:`out_dtype`,
+        all contiguous on one CUDA device; K a multiple of 8. As for :meth:`dense`, nothing is
+        checked here beyond what the kernel rejects.
+        """
+        (t, top_k), (n, k) = weights.shape, b.shape
+        stream = torch.cuda.current_stream(y.device).cuda_stream
+        self._check(self._run_combine(t, n, k, top_k, y.data_ptr(), weights.data_ptr(),
+                                      row_of.data_ptr(), b.data_ptr(), out.data_ptr(),
+                                      sm_count(y.device), stream))
         return out
 
     def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,

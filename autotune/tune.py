@@ -1404,6 +1404,7 @@ class _TimingSet:
     inputs: Any
     out: Any
     arrays: tuple | None
+    combine: Any = None  # CombineInputs of the fc2 stage (its timings include the combine)
 
 
 _STICKY = ("CUDA error", "illegal", "misaligned", "unspecified launch failure")
@@ -1535,6 +1536,16 @@ class GpuEvaluator:
             sets = self._timing_sets(stage, tokens, dev)
             if sets[0].arrays is not None:
                 fns = [lambda s=s: kernel.run(*s.arrays, order=order) for s in sets]
+            elif stage == "fc2":  # the combine before it, as the forward runs them
+                sets = self._with_combine(sets, stage, tokens, dev)
+                if self._combines(kernel, stage, tokens):
+                    fns = [lambda s=s: kernel.combine_dense(s.combine.y, s.combine.weights,
+                                                            s.combine.row_of, s.inputs.b, s.out)
+                           for s in sets]
+                else:
+                    combine = self._combine_kernel(tokens)
+                    fns = [lambda s=s: (combine(s), kernel.dense(s.inputs.a, s.inputs.b, s.out,
+                                                                 order)) for s in sets]
             else:
                 fns = [lambda s=s: kernel.dense(s.inputs.a, s.inputs.b, s.out, order)
                        for s in sets]
@@ -1550,15 +1561,20 @@ class GpuEvaluator:
                order: TileOrder = DEFAULT_ORDER) -> tuple[Failure | None, float]:
         import torch
 
-        from .workload import make_inputs, reference_output, rel_error
+        from .workload import make_combine_inputs, make_inputs, reference_output, rel_error
 
         gen = torch.Generator(device=dev)
         gen.manual_seed(_stable_seed(self.seed, "check", kernel.config.name, stage, tokens))
         inputs = make_inputs(self.problem, stage, tokens, routing=self.routing, generator=gen,
                              device=dev)
         out = inputs.empty_out(fill=float("nan"))
+        combine = (make_combine_inputs(self.problem, tokens, generator=gen, device=dev)
+                   if self._combines(kernel, stage, tokens) else None)
         try:
-            if inputs.offs is None:
+            if combine is not None:
+                kernel.combine_dense(combine.y, combine.weights, combine.row_of, inputs.b, out)
+                inputs = replace(inputs, a=combine.combined())  # the reference's A
+            elif inputs.offs is None:
                 kernel.dense(inputs.a, inputs.b, out, order)
             else:
                 kernel.grouped_mm(inputs.a, inputs.b, inputs.offs, out=out, order=order)
@@ -1574,6 +1590,36 @@ class GpuEvaluator:
                            f"fp32 reference ({stage}, T={tokens}, {self.routing} routing; NaN "
                            "means rows left unwritten)"), err
         return None, err
+
+    def _combine_kernel(self, tokens: int):
+        """The routing library's combine of a timing set's pairs into its A (the forward's
+        step before fc2 where fc2 does not take the combine itself)."""
+        from .runtime import load_routing
+
+        routing = load_routing(RoutingConfig(config_dtype(self.problem), self.arch))
+        p = self.problem
+        return lambda s: routing("combine", s.combine.y, s.combine.weights, s.combine.row_of,
+                                 tokens, p.top_k, p.expert_width, s.inputs.a)
+
+    def _combines(self, kernel, stage: str, tokens: int) -> bool:
+        # As the forward runs fc2 (FusedLatentMoE.kernels): with the combine where it fits.
+        return (stage == "fc2"
+                and kernel.combines(tokens, self.problem.expert_width, self.problem.top_k))
+
+    def _with_combine(self, sets: list[_TimingSet], stage: str, tokens: int,
+                      dev) -> list[_TimingSet]:
+        """The timing sets with their combine inputs (made once per stage and token count)."""
+        import torch
+
+        from .workload import make_combine_inputs
+
+        if sets[0].combine is None:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(_stable_seed(self.seed, "combine", stage, tokens))
+            sets = [replace(s, combine=make_combine_inputs(self.problem, tokens, generator=gen,
+                                                           device=dev)) for s in sets]
+            self._sets = sets
+        return sets
 
     def _timing_sets(self, stage: str, tokens: int, dev) -> list[_TimingSet]:
         import torch
@@ -1613,6 +1659,8 @@ class GpuEvaluator:
 
         dev = self._torch_device()
         sets = self._timing_sets(stage, tokens, dev)
+        if stage == "fc2":
+            sets = self._with_combine(sets, stage, tokens, dev)
         epilogue = sets[0].inputs.shape.epilogue
 
         def grouped(s):
@@ -1620,6 +1668,10 @@ class GpuEvaluator:
             return apply_epilogue(y, epilogue) if epilogue == "relu2" else y
 
         def dense(s):
+            if s.combine is not None:  # fc2: torch's combine first, like the kernels' timings
+                c = s.combine
+                a = c.combined().to(s.inputs.a.dtype)
+                return torch.mm(a, s.inputs.b.t())
             if epilogue != "f32":
                 return torch.mm(s.inputs.a, s.inputs.b.t())
             try:  # fp32 output straight from cuBLAS where this torch has it (2.8+ on CUDA)

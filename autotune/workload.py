@@ -426,6 +426,39 @@ def make_inputs(problem: LatentMoEProblem, stage: str, tokens: int, *, routing: 
     return StageInputs(shape, tokens, a, b, offs)
 
 
+@dataclass(frozen=True)
+class CombineInputs:
+    """fc2's input as the combine launch takes it: the experts' output rows y [T * top_k, K],
+    the routing weights [T, top_k] fp32 and each pair's row of y, row_of int32 [T * top_k]."""
+
+    y: torch.Tensor
+    weights: torch.Tensor
+    row_of: torch.Tensor
+
+    def combined(self) -> torch.Tensor:
+        """The fp32 A [T, K] they sum to: ``sum_j weights[t, j] * y[row_of[t * top_k + j]]``."""
+        t, k = self.weights.shape
+        rows = self.y.float()[self.row_of.long()].view(t, k, -1)
+        return (self.weights.unsqueeze(-1) * rows).sum(1)
+
+
+def make_combine_inputs(problem: LatentMoEProblem, tokens: int, *, generator: torch.Generator,
+                        device: torch.device | str = "cpu") -> CombineInputs:
+    """Random :class:`CombineInputs` of ``tokens`` tokens for ``problem``'s fc2: y standard
+    normal, weights in [0.5, 1.5) / top_k (so A stays O(1)), the pairs' rows a permutation.
+
+    Requirements
+    ------------
+    As :func:`make_inputs` for the "fc2" stage.
+    """
+    dtype = _TORCH_DTYPE[problem.dtype]
+    pairs = tokens * problem.top_k
+    y = _nonzero_normal((pairs, stage_shape(problem, "fc2").k), 1.0, dtype, generator, device)
+    weights = (torch.rand((tokens, problem.top_k), generator=generator, device=device) + 0.5)
+    row_of = torch.randperm(pairs, generator=generator, device=device).to(torch.int32)
+    return CombineInputs(y, weights / problem.top_k, row_of)
+
+
 def apply_epilogue(acc: torch.Tensor, epilogue: str) -> torch.Tensor:
     """The stage epilogue on an fp32 accumulator (relu2 = relu(x)^2)."""
     if epilogue == "relu2":

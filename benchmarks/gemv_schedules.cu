@@ -18,9 +18,11 @@
 #include <algorithm>
 #include <random>
 #include <cmath>
+#include <cstring>
 
 #include "gemv.cuh"
 #include "graph_timing.cuh"
+#include "moe_routing.cuh"
 
 using bf16 = __nv_bfloat16;
 
@@ -208,6 +210,60 @@ int main(int argc, char** argv) {
       }
       for (auto p : w) cudaFree(p);
       cudaFree(a); cudaFree(d);
+    }
+  }
+  // fc2 after the combine at decode (Super: 22 pairs per token, K = 1024, N = 4096): the routing
+  // library's combine kernel then the dense gemv, against the gemv's combine launch; y rows
+  // and weights rotated over 8 sets. Outputs compared with the two-launch result (tolerance:
+  // the combined rows are rounded to bf16 after sums in another order).
+  for (int T : {1, 2, 4}) {
+    const int K = 1024, N = 4096, top_k = 22, sets = 8, rows = T * top_k;
+    std::vector<bf16*> w(sets), y(sets);
+    std::vector<float*> wt(sets);
+    std::vector<int32_t*> ro(sets);
+    std::mt19937 g2(T);
+    for (int s = 0; s < sets; ++s) {
+      CK(cudaMalloc(&w[s], size_t(N) * K * 2)); fill<<<256, 256>>>(w[s], size_t(N) * K, 5 + s);
+      CK(cudaMalloc(&y[s], size_t(rows) * K * 2)); fill<<<64, 256>>>(y[s], size_t(rows) * K, 11 + s);
+      std::vector<float> hw(rows); for (auto& v : hw) v = (g2() % 1000) / 1000.f;
+      std::vector<int32_t> hr(rows); for (int i = 0; i < rows; ++i) hr[i] = i;
+      std::shuffle(hr.begin(), hr.end(), g2);
+      CK(cudaMalloc(&wt[s], rows * 4)); CK(cudaMemcpy(wt[s], hw.data(), rows * 4, cudaMemcpyHostToDevice));
+      CK(cudaMalloc(&ro[s], rows * 4)); CK(cudaMemcpy(ro[s], hr.data(), rows * 4, cudaMemcpyHostToDevice));
+    }
+    bf16 *ylat, *d; CK(cudaMalloc(&ylat, size_t(T) * K * 2)); CK(cudaMalloc(&d, size_t(T) * N * 2));
+    using Fn = std::function<int(int, cudaStream_t)>;
+    std::vector<std::pair<std::string, Fn>> vars;
+    namespace G = autotune::gemv;
+    namespace R = autotune::routing;
+    vars.push_back({"combine + 8x1 dense", [&, T](int s, cudaStream_t t) {
+      const int splits = std::max(1, std::min((top_k + 2) / 3, R::kCombineThreads / 128));
+      R::combine_split_kernel<bf16><<<T, 128 * splits, sizeof(float) * (splits - 1) * 128 * 8, t>>>(
+          y[s % sets], wt[s % sets], ro[s % sets], top_k, K, splits, ylat);
+      return G::GroupedGemv<bf16, 2, 1, 0, false>::run_dense(T, N, K, ylat, w[s % sets], d, nullptr, 0, sms, 0, 1, t); }});
+    auto fused = [&, T](auto tag) {
+      using Kn = decltype(tag);
+      return Fn([&, T](int s, cudaStream_t t) {
+        return Kn::run_combine_dense(T, N, K, top_k, y[s % sets], wt[s % sets], ro[s % sets], w[s % sets], d, sms, t); });
+    };
+    vars.push_back({"8x1 combine launch", fused(G::GroupedGemv<bf16, 2, 1, 0, false>{})});
+    vars.push_back({"16x1 combine launch", fused(G::GroupedGemv<bf16, 4, 1, 0, true>{})});
+    vars.push_back({"8x4 combine launch", fused(G::GroupedGemv<bf16, 2, 4, 0, false>{})});
+    printf("== combine + fc2 T=%d: %d pairs, N=%d K=%d\n", T, rows, N, K);
+    std::vector<uint16_t> ref;
+    for (auto& var : vars) {
+      CK(cudaMemsetAsync(d, 0xff, size_t(T) * N * 2, st));
+      int rc = var.second(0, st); CK(cudaStreamSynchronize(st));
+      if (rc) { printf("%-22s rc=%d %s\n", var.first.c_str(), rc, autotune::g_last_error); continue; }
+      std::vector<uint16_t> out(size_t(T) * N);
+      CK(cudaMemcpy(out.data(), d, out.size() * 2, cudaMemcpyDeviceToHost));
+      if (ref.empty()) ref = out;
+      auto f = [](uint16_t h) { uint32_t u = uint32_t(h) << 16; float x; memcpy(&x, &u, 4); return x; };
+      double num = 0, den = 0;
+      for (size_t i = 0; i < out.size(); ++i) { double e = f(out[i]) - f(ref[i]); num += e * e; den += f(ref[i]) * f(ref[i]); }
+      const double rel = std::sqrt(num / den);
+      const float us = graph_us([&](int r, cudaStream_t t) { var.second(r, t); }, st);
+      printf("%-22s %7.2f us  rel diff %.1e %s\n", var.first.c_str(), us, rel, rel <= 1e-2 ? "ok" : "MISMATCH");
     }
   }
   return 0;

@@ -20,7 +20,9 @@
 //   two) and for several rows of A per pass (16x4: 34.2 against 43.9).
 // The tuner times both per stage (8-row configs run "items", 16- and 32-row ones "bulk"); the
 // dense launch (one group: the latent projections) runs "items" in both, with K split over the
-// warps of a CTA where it is long (dense_split_kernel).
+// warps of a CTA where it is long (dense_split_kernel). The combine launch (combine_dense_kernel)
+// is fc2 of the MoE forward with the combine of the experts' outputs before it, on the bulk
+// schedule.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -398,7 +400,8 @@ __device__ __forceinline__ uint4 load_shared(const void* p) {
 }
 
 // kMaxRows: weight rows per block (one stage) at most; fewer where they would not fit.
-template <class Element_, int kMaxRows, int kMaxM, int kEpilogue>
+// kASmem: A lives in shared memory (the combine launch), not in global memory.
+template <class Element_, int kMaxRows, int kMaxM, int kEpilogue, bool kASmem = false>
 struct Bulk {
   using Element = Element_;
   using ElementD = std::conditional_t<kEpilogue == kFloat32Out, float, Element>;
@@ -439,8 +442,13 @@ struct Bulk {
 #pragma unroll
         for (int i = 0; i < kMaxM; ++i) {
           if (i < mc) {
+            uint4 araw;
+            if constexpr (kASmem)
+              araw = load_shared(arow + i * k + c);
+            else
+              araw = __ldg(reinterpret_cast<const uint4*>(arow + i * k + c));
             float af[kVec];
-            to_float<Element>(__ldg(reinterpret_cast<const uint4*>(arow + i * k + c)), af);
+            to_float<Element>(araw, af);
 #pragma unroll
             for (int r = 0; r < kWarpRows; ++r)
 #pragma unroll
@@ -568,6 +576,108 @@ grouped_bulk_kernel(int groups, const int32_t* __restrict__ mnk,
   B::run(groups, first, mnk, ptr_a, ptr_b, ptr_d, begin, end, bulk_smem, full, empty);
 }
 
+// The combine launch: fc2 with the combine before it, for a few tokens.
+//   a[t] = round(sum_j w[t, j] * y[row_of[t * top_k + j]])   (fp32, a fixed order)
+//   d[t] = epilogue(b @ a[t])
+// Each CTA (one per SM) computes all of a into shared memory while its producer already streams
+// the CTA's weight blocks (the bulk schedule), then its consumers run the dense product from
+// there. As two launches (the combine kernel, then the dense gemv) this was the combine's
+// launch and round trips, then the gemv's: 3.0 + 4.4 us at one token of the Super preset.
+// The pairs of a column chunk are split over `splits` threads (pairs q, q + splits, ... in
+// order, partial sums added in split order): deterministic, like the routing library's combine
+// kernels, whose split sum it repeats for a few tokens.
+constexpr int kCombineMaxA = 64 * 1024;     // bytes of a (tokens x K) in shared memory at most
+constexpr int kCombineMaxPairs = 1024;      // tokens x top_k at most (their rows and weights)
+constexpr int kCombineThreads = 32 * kBulkConsumers;
+constexpr int kCombinePartial = kCombineThreads * kVec * sizeof(float);  // split partial sums
+constexpr int kCombineSmem = kCombineMaxA + kCombinePartial + kCombineMaxPairs * 8;
+constexpr int kCombineBatch = 8;            // pairs' loads in flight per thread
+
+template <class B>
+__global__ void __launch_bounds__(kBulkThreads, 1)
+combine_dense_kernel(int m, int n, int k, int top_k, int splits,
+                     const typename B::Element* __restrict__ y, const float* __restrict__ weights,
+                     const int32_t* __restrict__ row_of, const typename B::Element* b,
+                     typename B::ElementD* d) {
+  using Element = typename B::Element;
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
+  // The one group of the dense product, as the bulk schedule reads groups.
+  __shared__ int first[1];
+  __shared__ int32_t mnk[3];
+  __shared__ const void* ptr_a[1];
+  __shared__ const void* ptr_b[1];
+  __shared__ void* ptr_d[1];
+  auto* a = reinterpret_cast<Element*>(bulk_smem + kBulkStages * kBulkStageBytes);
+  auto* partial = reinterpret_cast<float*>(bulk_smem + kBulkStages * kBulkStageBytes +
+                                           kCombineMaxA);
+  auto* pair_row = reinterpret_cast<int32_t*>(partial + kCombineThreads * kVec);
+  auto* pair_w = reinterpret_cast<float*>(pair_row + kCombineMaxPairs);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkStages; ++s)
+      bar_init(&full[s], 1), bar_init(&empty[s], kBulkConsumers);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    first[0] = 0, mnk[0] = m, mnk[1] = n, mnk[2] = k;
+    ptr_a[0] = a, ptr_b[0] = b, ptr_d[0] = d;
+  }
+  __syncthreads();
+  const int total = (n + B::rows_per_block(k) - 1) / B::rows_per_block(k);
+  const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
+  const int end = static_cast<int>(static_cast<int64_t>(total) * (blockIdx.x + 1) / gridDim.x);
+  if (begin >= end) return;
+  if (threadIdx.x < kCombineThreads) {  // the consumers; the producer starts copying at once
+    // Rows and weights of all pairs first (one round trip), then each thread's rows of y with
+    // kCombineBatch loads in flight: two or three round trips in all, not two per pair.
+    for (int p = threadIdx.x; p < m * top_k; p += kCombineThreads)
+      pair_row[p] = row_of[p], pair_w[p] = weights[p];
+    asm volatile("bar.sync 1, %0;" ::"r"(kCombineThreads));  // consumers only
+    const int chunks = m * (k / kVec), cols = kCombineThreads / splits;
+    const int q = threadIdx.x / cols;
+    for (int c0 = 0; c0 < chunks; c0 += cols) {
+      const int chunk = c0 + threadIdx.x % cols;
+      const int t = chunk / (k / kVec), c = chunk % (k / kVec) * kVec;
+      float acc[kVec] = {};
+      if (chunk < chunks) {
+        for (int j0 = q; j0 < top_k; j0 += splits * kCombineBatch) {
+          uint4 raw[kCombineBatch];
+#pragma unroll
+          for (int b = 0; b < kCombineBatch; ++b) {
+            const int j = j0 + b * splits;
+            if (j < top_k)
+              raw[b] = *reinterpret_cast<const uint4*>(
+                  y + static_cast<size_t>(pair_row[t * top_k + j]) * k + c);
+          }
+#pragma unroll
+          for (int b = 0; b < kCombineBatch; ++b) {
+            const int j = j0 + b * splits;
+            if (j >= top_k) break;
+            const float w = pair_w[t * top_k + j];
+            float v[kVec];
+            to_float<Element>(raw[b], v);
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) acc[i] += w * v[i];
+          }
+        }
+        if (q > 0)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) partial[((q - 1) * cols + chunk - c0) * kVec + i] = acc[i];
+      }
+      asm volatile("bar.sync 1, %0;" ::"r"(kCombineThreads));  // consumers only
+      if (q == 0 && chunk < chunks) {
+        for (int p = 1; p < splits; ++p)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[i] += partial[((p - 1) * cols + chunk - c0) * kVec + i];
+        Element o[kVec];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) o[i] = from_float<Element>(acc[i]);
+        *reinterpret_cast<uint4*>(a + t * k + c) = *reinterpret_cast<const uint4*>(o);
+      }
+      asm volatile("bar.sync 1, %0;" ::"r"(kCombineThreads));  // a complete; partial reusable
+    }
+  }
+  B::run(1, first, mnk, ptr_a, ptr_b, ptr_d, begin, end, bulk_smem, full, empty);
+}
+
 // The C ABI of every grouped-GEMM library (grouped_gemm_exports.j2). kBulk: the grouped launch's
 // schedule (see the top of this file); the dense launch runs the items schedule either way.
 template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue, bool kBulk>
@@ -629,6 +739,45 @@ struct GroupedGemv {
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
     kernel<<<per_sm * sm_count, threads, smem, stream>>>(groups, mnk, ptr_a, ptr_b, ptr_d);
     return launched("gemv launch");
+  }
+
+  // Whether the combine launch takes m tokens of K columns and top_k pairs each.
+  static bool combine_fits(int m, int k, int top_k) {
+    return static_cast<int64_t>(m) * k * sizeof(Element_) <= kCombineMaxA &&
+           static_cast<int64_t>(m) * top_k <= kCombineMaxPairs;
+  }
+
+  // The combine launch (combine_dense_kernel): d [m, n] = epilogue(b @ combine(y)^T) with
+  // combine(y)[t] the weighted sum of y's rows row_of[t * top_k + j] (weights [m, top_k]).
+  static int run_combine_dense(int m, int n, int k, int top_k, const void* y,
+                               const float* weights, const int32_t* row_of, const void* b,
+                               void* d, int sm_count, cudaStream_t stream) {
+    using Combine = Bulk<Element_, kRowsPerWarp * kWarps, kMaxM, kEpilogue, true>;
+    if (m < 0 || n <= 0 || k <= 0 || k % kVec || top_k <= 0 || y == nullptr ||
+        weights == nullptr || row_of == nullptr || b == nullptr || d == nullptr)
+      return fail(kBadArgument,
+                  "m >= 0, n > 0, k > 0 a multiple of 8, top_k > 0, non-null pointers");
+    if (sm_count <= 0) return fail(kBadArgument, "sm_count must be > 0");
+    if (!combine_fits(m, k, top_k))
+      return fail(kCannotImplement, "the combine launch keeps tokens x K in 64 KB of shared "
+                                    "memory and up to 1024 pairs; use the combine kernel and "
+                                    "run_dense beyond");
+    if (m == 0) return kOk;
+    constexpr int kSmem = int(kStageSmem) + kCombineSmem;
+    static const cudaError_t opted = cudaFuncSetAttribute(
+        combine_dense_kernel<Combine>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (opted != cudaSuccess)
+      return fail(kCannotImplement, "the combine kernel's shared memory",
+                  cudaGetErrorString(opted));
+    // Threads per column chunk: about three pairs each where the chunks leave threads idle.
+    const int chunks = m * (k / kVec);
+    int splits = 1;
+    while (splits < 8 && 2 * splits * chunks <= kCombineThreads && 3 * splits < top_k)
+      splits *= 2;
+    combine_dense_kernel<Combine><<<sm_count, kBulkThreads, kSmem, stream>>>(
+        m, n, k, top_k, splits, static_cast<const Element_*>(y), weights, row_of,
+        static_cast<const Element_*>(b), static_cast<typename Combine::ElementD*>(d));
+    return launched("gemv combine launch");
   }
 
   static int run_dense(int m, int n, int k, const void* a, const void* b, void* d, void*,

@@ -8,7 +8,15 @@ import shutil
 import pytest
 
 from autotune import build as build_mod
-from autotune.build import BuildError, build, build_key, find_nvcc, library_path, nvcc_flags
+from autotune.build import (
+    BuildError,
+    build,
+    build_key,
+    cached_library,
+    find_nvcc,
+    library_path,
+    nvcc_flags,
+)
 from autotune.space import KernelConfig, Sm80Config, Sm100Config, gemv_configs
 
 # The cheapest variant to compile: one small cooperative kernel without clusters.
@@ -142,3 +150,7 @@ def test_real_compile_of_the_gemv_kernel(cache, epilogue):
     config = gemv_configs()[-1].with_epilogue(epilogue)
     size = _workspace_size_of_a_full_abi(config)
     assert size(512, 132) == 0  # reads the shapes and pointers where the caller put them
+    lib = ctypes.CDLL(str(cached_library(config)))
+    fits = getattr(lib, f"{config.name}_combine_fits")  # and the combine launch
+    assert hasattr(lib, f"{config.name}_run_combine_dense")
+    assert (fits(1, 1024, 22), fits(40, 1024, 22), fits(47, 8, 22)) == (1, 0, 0)

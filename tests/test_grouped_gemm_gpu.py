@@ -181,3 +181,47 @@ def test_dense_matches_torch(kernels, config, m, k):
     assert not out.isnan().any(), "some outputs were not written"
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("config", GEMV, ids=lambda c: c.name)
+@pytest.mark.parametrize("tokens,top_k,n,k", [
+    (1, 22, 4096, 1024),   # the Super preset's decode fc2
+    (3, 22, 136, 200),     # N, K not multiples of a block; three pairs per split
+    (9, 6, 264, 2048),     # more tokens than rows of A per pass; one split
+])
+def test_combine_dense_matches_torch(kernels, config, tokens, top_k, n, k):
+    # fc2 with the combine before it: the weighted sum of each token's rows of y, then b @ it.
+    from autotune.workload import CombineInputs
+
+    kernel = kernels[config.name]
+    assert kernel.combines(tokens, k, top_k)
+    gen = torch.Generator(device="cuda").manual_seed(tokens * n + k)
+    pairs = tokens * top_k
+    y = torch.randn(pairs + 5, k, generator=gen, device="cuda").to(torch.bfloat16)
+    weights = torch.rand(tokens, top_k, generator=gen, device="cuda") / top_k
+    row_of = torch.randperm(pairs + 5, generator=gen, device="cuda")[:pairs].to(torch.int32)
+    b = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(torch.bfloat16)
+    out = torch.full((tokens, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    kernel.combine_dense(y, weights, row_of, b, out)
+    torch.cuda.synchronize()
+    ref = CombineInputs(y, weights, row_of).combined() @ b.float().T
+    assert not out.isnan().any(), "some outputs were not written"
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+def test_combine_dense_refuses_what_does_not_fit(kernels):
+    from autotune.runtime import KernelError
+
+    kernel = kernels[GEMV[0].name]
+    assert not kernel.combines(40, 1024, 22)  # 80 KB of A in shared memory
+    assert not kernel.combines(47, 8, 22)     # 1034 pairs
+    assert not kernels[SM90[0].name].combines(1, 1024, 22)  # CUTLASS libraries have no such launch
+    y = torch.zeros(880, 1024, dtype=torch.bfloat16, device="cuda")
+    weights = torch.zeros(40, 22, device="cuda")
+    row_of = torch.zeros(880, dtype=torch.int32, device="cuda")
+    b = torch.zeros(64, 1024, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(KernelError, match="64 KB of shared memory"):
+        kernel.combine_dense(y, weights, row_of, b, torch.empty(40, 64, dtype=torch.bfloat16,
+                                                                device="cuda"))
+

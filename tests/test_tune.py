@@ -814,8 +814,17 @@ def test_main_from_args_prepare_only_succeeds(tmp_path, monkeypatch):
 class TorchKernel:
     """Computes a stage like a kernel would, optionally wrong or leaving rows unwritten."""
 
-    def __init__(self, config, mode="right"):
-        self.config, self.mode = config, mode
+    def __init__(self, config, mode="right", combine=False):
+        self.config, self.mode, self.combine = config, mode, combine
+
+    def combines(self, tokens, k, top_k):
+        return self.combine
+
+    def combine_dense(self, y, weights, row_of, b, out):
+        from autotune.workload import CombineInputs
+
+        a = CombineInputs(y, weights, row_of).combined()
+        return self._write(a.to(y.dtype).float() @ b.float().T, out)
 
     def _write(self, acc, out):
         from autotune.workload import apply_epilogue
@@ -848,6 +857,18 @@ def test_gpu_evaluator_gate(stage, mode, ok):
     else:
         assert failure.kind == "wrong" and "relative error" in failure.message
         assert err > 1e-2
+
+
+@pytest.mark.parametrize("mode,ok", [("right", True), ("noisy", False), ("skip_row", False)])
+def test_gpu_evaluator_gate_for_the_combine_launch(mode, ok):
+    # Where fc2 runs with the combine before it, the gate checks that launch against the fp32
+    # combine and fc2; the other stages never take it.
+    ev = GpuEvaluator(PROBLEM)
+    config = default_config(PROBLEM, "fc2", 3)
+    kernel = TorchKernel(config, mode, combine=True)
+    failure, err = ev._check(kernel, "fc2", 3, torch.device("cpu"))
+    assert (failure is None and err < 1e-2) if ok else (failure.kind == "wrong" and err > 1e-2)
+    assert ev._combines(kernel, "fc2", 3) and not ev._combines(kernel, "down", 3)
 
 
 def test_pointer_arrays_address_each_groups_rows():

@@ -27,3 +27,15 @@ AUTOTUNE_EXPORT int sm90_bf16_16x4x256_c1x1_gemv_swapab_relu2_run_dense(int m, i
 
 AUTOTUNE_EXPORT const char* sm90_bf16_16x4x256_c1x1_gemv_swapab_relu2_last_error() { return autotune::g_last_error; }
 
+
+// The gemv libraries' own entries: fc2 with the MoE combine before it (combine_dense_kernel).
+AUTOTUNE_EXPORT int sm90_bf16_16x4x256_c1x1_gemv_swapab_relu2_combine_fits(int m, int k, int top_k) {
+  return Kernel::combine_fits(m, k, top_k);
+}
+
+AUTOTUNE_EXPORT int sm90_bf16_16x4x256_c1x1_gemv_swapab_relu2_run_combine_dense(int m, int n, int k, int top_k, const void* y,
+                                                 const float* weights, const int32_t* row_of,
+                                                 const void* b, void* d, int sm_count,
+                                                 cudaStream_t stream) {
+  return Kernel::run_combine_dense(m, n, k, top_k, y, weights, row_of, b, d, sm_count, stream);
+}
