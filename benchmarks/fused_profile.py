@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
     ap.add_argument("--out", default="fused_profile.json")
     ap.add_argument("--unfused", default="router_fc1,relu2",
-                    help="fusions to also time undone, one at a time (before/after)")
+                    help="fusions to also time undone, one at a time (before/after), among "
+                         "router_fc1, relu2 and combine_fc2")
     args = ap.parse_args(argv)
     p = preset(args.preset)
     if args.activation:

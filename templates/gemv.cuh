@@ -584,8 +584,8 @@ grouped_bulk_kernel(int groups, const int32_t* __restrict__ mnk,
 // there. As two launches (the combine kernel, then the dense gemv) this was the combine's
 // launch and round trips, then the gemv's: 3.0 + 4.4 us at one token of the Super preset.
 // The pairs of a column chunk are split over `splits` threads (pairs q, q + splits, ... in
-// order, partial sums added in split order): deterministic, like the routing library's combine
-// kernels, whose split sum it repeats for a few tokens.
+// order, partial sums added in split order): deterministic, as the routing library's combine
+// kernels are (a split sum of the same kind, not necessarily the same split).
 constexpr int kCombineMaxA = 64 * 1024;     // bytes of a (tokens x K) in shared memory at most
 constexpr int kCombineMaxPairs = 1024;      // tokens x top_k at most (their rows and weights)
 constexpr int kCombineThreads = 32 * kBulkConsumers;
@@ -660,13 +660,15 @@ combine_dense_kernel(int m, int n, int k, int top_k, int splits,
         }
         if (q > 0)
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) partial[((q - 1) * cols + chunk - c0) * kVec + i] = acc[i];
+          for (int i = 0; i < kVec; ++i)
+            partial[((q - 1) * cols + chunk - c0) * kVec + i] = acc[i];
       }
       asm volatile("bar.sync 1, %0;" ::"r"(kCombineThreads));  // consumers only
       if (q == 0 && chunk < chunks) {
         for (int p = 1; p < splits; ++p)
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) acc[i] += partial[((p - 1) * cols + chunk - c0) * kVec + i];
+          for (int i = 0; i < kVec; ++i)
+            acc[i] += partial[((p - 1) * cols + chunk - c0) * kVec + i];
         Element o[kVec];
 #pragma unroll
         for (int i = 0; i < kVec; ++i) o[i] = from_float<Element>(acc[i]);
