@@ -96,9 +96,9 @@ class KernelConfig(_Cutlass3Config):
     ``schedule`` "gemv" is the CUDA-core decode kernel (templates/gemv.cuh) instead of a CUTLASS
     one, for groups of a few rows, where the GEMM is a weight stream: weights on the M side
     (``swap_ab``), ``tile_m`` weight rows per work item (4 warps' worth; 8-row items are dealt
-    round-robin to the CTAs, 16- and 32-row ones stream one contiguous run per CTA with the
-    loads pipelined across rows), ``tile_n`` rows of A per pass over them, ``tile_k`` 256 (one
-    warp's 16-byte loads), no cluster.
+    round-robin to register-fed warps, 16- and 32-row ones stream one contiguous run per SM
+    through shared memory with the bulk-copy engine), ``tile_n`` rows of A per pass over them,
+    ``tile_k`` 256 (one warp's 16-byte loads), no cluster.
     """
 
 
