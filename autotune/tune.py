@@ -1106,41 +1106,73 @@ def _prepare_studies(run: _Run, plan: Sequence[tuple[int, str]], notes: list[str
     return studies
 
 
+def _settled(study: optuna.Study, target: int) -> bool:
+    """Whether a config study's winner is final: ``target`` candidates evaluated and none in
+    flight in any process."""
+    trials = study.get_trials(deepcopy=False)
+    return (_evaluated_count(trials) >= target
+            and not any(t.state == TrialState.RUNNING for t in trials))
+
+
 def _tune_all(run: _Run, deadline: float | None, progress: bool
               ) -> tuple[list[BucketResult], list[str]]:
     plan = [(b, s) for b in run.buckets for s in run.spaces]
-    results: list[BucketResult] = []
+    results: dict[tuple[int, str], BucketResult] = {}
     notes: list[str] = []
     studies = _prepare_studies(run, plan, notes)
     total = sum(run.target(s) for b, s in plan if (b, s) in studies)
+
+    def left() -> float | None:
+        return None if deadline is None else deadline - time.monotonic()
+
     with _bar(total, "tune", "trial", progress) as bar:
         for i, (bucket, stage) in enumerate(plan):
             study = studies.get((bucket, stage))
             if study is None:
                 continue
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            if (remaining := left()) is not None and remaining <= 0:
                 notes.append(f"time budget spent before {stage} t={bucket}")
             else:
                 if not run.worker and run.trials:
                     _seed(run, study, stage, bucket)  # now with this run's neighbour winners
                     _measure_peer(run, study, stage, bucket)
-                timeout = None if left is None else left / (len(plan) - i)
+                timeout = None if remaining is None else remaining / (len(plan) - i)
                 _run_study(run, study, run.spaces[stage], run.target(stage), bucket, timeout,
                            bar)
             default = default_config(run.problem, stage, bucket, run.arch).name
             result = collect_result(study, stage, bucket, default, run.spaces[stage])
-            left = None if deadline is None else deadline - time.monotonic()
-            # Workers leave tile orders to the run that seeds the studies: an order study
-            # exists only once its bucket's winner is known.
+            remaining = left()
+            # A worker leaves this bucket's tile orders to its second pass below: another
+            # process may still be timing a config here, and the order study is the winner's.
             if (result.winner is not None and not run.worker and run.trials
-                    and (left is None or left > 0)):
-                timeout = None if left is None else left / (len(plan) - i)
+                    and (remaining is None or remaining > 0)):
+                timeout = None if remaining is None else remaining / (len(plan) - i)
                 result = _tune_order(run, stage, bucket, result, timeout, bar)
             if result.winner is not None:
                 run.winners[(stage, bucket)] = result.winner.name
-            results.append(result)
-    return results, notes
+            results[(bucket, stage)] = result
+        if run.worker and run.trials:
+            # Second pass: every study whose configs are all timed gets its tile-order study
+            # and its peer here too, so that no GPU work is left to the one process that
+            # writes the table. A study another worker is still timing is that worker's to
+            # finish (it passes here after its own first pass); a run without ``worker``
+            # tops up whatever none finished.
+            for i, (bucket, stage) in enumerate(plan):
+                study = studies.get((bucket, stage))
+                remaining = left()
+                if (study is None or (remaining is not None and remaining <= 0)
+                        or not _settled(study, run.target(stage))):
+                    continue
+                result = results[(bucket, stage)]
+                default = result.default_name
+                result = collect_result(study, stage, bucket, default, run.spaces[stage])
+                if result.winner is not None:
+                    timeout = None if remaining is None else remaining / (len(plan) - i)
+                    result = _tune_order(run, stage, bucket, result, timeout, bar)
+                    run.winners[(stage, bucket)] = result.winner.name
+                _measure_peer(run, study, stage, bucket)
+                results[(bucket, stage)] = result
+    return list(results.values()), notes
 
 
 def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
@@ -1175,9 +1207,12 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
     storage : str, path or optuna storage, optional
         ``--storage``: default a journal file in the cache (see :func:`open_storage`).
     worker : bool
-        ``--worker``: only pull trials of studies that exist; seed nothing, time no peer. Start
-        workers once a first run (e.g. with ``trials=0``) has created the studies; every run
-        opens and queues all its studies before it times anything.
+        ``--worker``: only pull trials of studies that exist and seed none. Start workers once
+        a first run (e.g. with ``trials=0``) has created the studies; every run opens and
+        queues all its studies before it times anything. Once its configs are done a worker
+        also runs the tile-order study and times the peer of every study whose configs are
+        all timed, so that the run that writes the table (one without ``worker``) finds the
+        GPU work done.
     compile_only : bool
         ``--compile-only``: build the candidates and stop (no GPU needed).
     evaluator : Evaluator, optional

@@ -25,8 +25,9 @@
 #                missing from KERNEL_CACHE, so that step 1 times study set-up, not nvcc
 #   1 leader     --trials 0 on GPU 0: creates every study and queues every candidate
 #   2 workers    GPUS processes with --worker, one per GPU, in parallel
-#   3 collector  the full command on GPU 0: evaluates what is missing, measures the torch peer
-#                and the tile orders, writes the tuned table and prints it
+#   3 collector  the full command on GPU 0: writes the tuned table and prints it, after timing
+#                whatever the workers left (their configs, then the tile orders and the torch
+#                peer of each bucket; nothing when every worker finished)
 # Then OUTDIR/multi_gpu_<label>.json holds the settings, the seconds of each step and the
 # evaluations per process (counted in the storage by the pid each trial records), and
 # OUTDIR/tuned_<label>.json the table, for benchmarks/compare_tables.py.

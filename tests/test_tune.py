@@ -593,6 +593,35 @@ def test_two_workers_share_one_storage(tmp_path, kind):
     _check_shared_studies(tune.open_storage(storage, _key()), log, 10, 2)
 
 
+def test_workers_also_time_tile_orders_and_peers(tmp_path):
+    # fc1 at 1024 tokens spans tiles both ways, so its winner gets a tile-order study; at 4
+    # tokens it does not. Two workers take both the configs and that order study, and time the
+    # peers; the run that writes the table then has nothing left to evaluate.
+    storage = _journal(tmp_path)
+    kw = dict(stages=["fc1"], buckets=[4, 1024], max_configs=8)
+    run_tuning(PROBLEM, trials=0, storage=storage, evaluator=StandIn(), progress=False, **kw)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    log = tmp_path / "calls.jsonl"
+    spec = dict(trials=5, storage=storage, worker=True, log=str(log), delay=0.01,
+                barrier=str(barrier), workers=2, **kw)
+    _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
+    store = tune.open_storage(storage, _key())
+    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    orders = [n for n in names if "|order|" in n]
+    assert len(orders) == 1 and "|t1024|" in orders[0]
+    order_study = optuna.load_study(study_name=orders[0], storage=store)
+    assert not order_study.get_trials(states=(TrialState.RUNNING,))
+    timed = [t for t in _evaluated(order_study) if t.user_attrs.get("order")]
+    assert {t.user_attrs["order"] for t in timed} >= {o.tag for o in TILE_ORDERS}
+    for name in set(names) - set(orders):
+        assert "peer" in optuna.load_study(study_name=name, storage=store).user_attrs
+    ev = StandIn()
+    report = run_tuning(PROBLEM, trials=5, storage=storage, evaluator=ev, progress=False, **kw)
+    assert ev.calls == [] and ev.orders == []
+    assert report.table_path is not None and report.result("fc1", 1024).winner is not None
+
+
 def _postgres_user() -> tuple[int, int] | None:
     """(uid, gid) to run the server as when this process is root (initdb refuses root)."""
     if not (hasattr(os, "geteuid") and os.geteuid() == 0):
