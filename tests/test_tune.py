@@ -447,6 +447,28 @@ def test_default_config_is_measured_first():
                                         default_config(PROBLEM, "down", 2048).name]
 
 
+def test_timing_is_one_attribute_and_older_flat_fields_still_read(tmp_path):
+    ev = StandIn()
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=3, evaluator=ev,
+                        progress=False, max_configs=8)
+    study = _studies(_storage(_journal(tmp_path)), "up")[("up", 64)]
+    timed = [t for t in study.trials if t.user_attrs.get("outcome") == "timed"]
+    assert timed and all(set(t.user_attrs["timing"]) >= {"median_ms", "p20_ms", "p80_ms"}
+                         and "p20_ms" not in t.user_attrs for t in timed)
+    winner = report.result("up", 64).winner
+    best = min(timed, key=lambda t: t.value)
+    assert winner.p20_ms == best.user_attrs["timing"]["p20_ms"]
+    # A study written by an earlier version: the measurement's fields one attribute each.
+    space = stage_spaces(PROBLEM, "sm90", ["up"], 8, None)["up"]
+    old = optuna.create_study()
+    name = space.configs[0].name
+    old.add_trial(optuna.trial.create_trial(
+        value=0.5, user_attrs={"config": name, "outcome": "timed", "median_ms": 0.5,
+                               "p20_ms": 0.49, "p80_ms": 0.52}))
+    ranked = tune.collect_result(old, "up", 64, name, space).winner
+    assert (ranked.name, ranked.p20_ms, ranked.p80_ms) == (name, 0.49, 0.52)
+
+
 def test_failures_are_recorded_and_never_selected(tmp_path):
     space = stage_spaces(PROBLEM, "sm90", ["down"], max_configs=10)["down"]
     times = sorted((fake_ms(c.name, "down", 16), c.name) for c in space.configs)
