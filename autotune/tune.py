@@ -1165,8 +1165,7 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
                 if (study is None or (remaining is not None and remaining <= 0)
                         or not _settled(study, run.target(stage))):
                     continue
-                result = results[(bucket, stage)]
-                default = result.default_name
+                default = results[(bucket, stage)].default_name
                 result = collect_result(study, stage, bucket, default, run.spaces[stage])
                 if result.winner is not None:
                     timeout = None if remaining is None else remaining / (len(plan) - i)

@@ -599,19 +599,25 @@ def _check_shared_studies(storage, log: Path, trials: int, workers: int) -> None
     assert len({pid for pid, *_ in calls}) == workers, "both workers should have pulled trials"
 
 
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_two_workers_share_one_storage(tmp_path, kind):
-    storage = (_journal(tmp_path) if kind == "journal"
-               else f"sqlite:///{tmp_path / 'studies.db'}")
-    kw = dict(stages=["up"], buckets=[4, 64], max_configs=12)
-    # The first run creates and seeds the studies; the workers then only pull trials.
+def _seed_then_two_workers(tmp_path, storage: str, trials: int, delay: float, **kw) -> Path:
+    """A first run creates and seeds the studies (``trials=0``); two worker processes, started
+    together behind a barrier, then only pull trials. Returns their evaluation log."""
     run_tuning(PROBLEM, trials=0, storage=storage, evaluator=StandIn(), progress=False, **kw)
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     log = tmp_path / "calls.jsonl"
-    spec = dict(trials=10, storage=storage, worker=True, log=str(log), delay=0.03,
+    spec = dict(trials=trials, storage=storage, worker=True, log=str(log), delay=delay,
                 barrier=str(barrier), workers=2, **kw)
     _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
+    return log
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_share_one_storage(tmp_path, kind):
+    storage = (_journal(tmp_path) if kind == "journal"
+               else f"sqlite:///{tmp_path / 'studies.db'}")
+    log = _seed_then_two_workers(tmp_path, storage, 10, 0.03, stages=["up"], buckets=[4, 64],
+                                 max_configs=12)
     _check_shared_studies(tune.open_storage(storage, _key()), log, 10, 2)
 
 
@@ -621,13 +627,7 @@ def test_workers_also_time_tile_orders_and_peers(tmp_path):
     # peers; the run that writes the table then has nothing left to evaluate.
     storage = _journal(tmp_path)
     kw = dict(stages=["fc1"], buckets=[4, 1024], max_configs=8)
-    run_tuning(PROBLEM, trials=0, storage=storage, evaluator=StandIn(), progress=False, **kw)
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    log = tmp_path / "calls.jsonl"
-    spec = dict(trials=5, storage=storage, worker=True, log=str(log), delay=0.01,
-                barrier=str(barrier), workers=2, **kw)
-    _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
+    _seed_then_two_workers(tmp_path, storage, 5, 0.01, **kw)
     store = tune.open_storage(storage, _key())
     names = [s.study_name for s in optuna.get_all_study_summaries(store)]
     orders = [n for n in names if "|order|" in n]
@@ -692,14 +692,8 @@ def test_two_workers_share_a_postgres_storage(tmp_path):
          f"-k {sock} -c listen_addresses='' -p 54329", "start"], user)
     try:
         url = f"postgresql+psycopg2://tune@/postgres?host={sock}&port=54329"
-        kw = dict(stages=["up"], buckets=[4, 64], max_configs=12)
-        run_tuning(PROBLEM, trials=0, storage=url, evaluator=StandIn(), progress=False, **kw)
-        barrier = tmp_path / "barrier"
-        barrier.mkdir()
-        log = tmp_path / "calls.jsonl"
-        spec = dict(trials=10, storage=url, worker=True, log=str(log), delay=0.03,
-                    barrier=str(barrier), workers=2, **kw)
-        _wait([_spawn(spec, tmp_path / "cache") for _ in range(2)])
+        log = _seed_then_two_workers(tmp_path, url, 10, 0.03, stages=["up"], buckets=[4, 64],
+                                     max_configs=12)
         _check_shared_studies(tune.open_storage(url, _key()), log, 10, 2)
     finally:
         subprocess.run((["runuser", "-u", "postgres", "--"] if user else [])
