@@ -387,6 +387,32 @@ def _gemv_reason(c: KernelConfig) -> str | None:
     return None
 
 
+def multicast_variant(config: object) -> KernelConfig | None:
+    """The cluster-of-two variant of a wide sm90 tile that fetches its token tile once for
+    both CTAs (TMA multicast), or None.
+
+    In a grouped MoE GEMM an expert's rows of tokens are read again for every weight tile of
+    that expert; two CTAs with the same token tile and neighbouring weight tiles can share
+    one fetch: cluster N = 2 without swap-AB (tokens on M), cluster M = 2 with it (tokens on
+    N). Only c1x1 tensor-core tiles of the prefill kind have one: at least 128 weight rows
+    per tile and, after a swap-AB, at least 64 token rows (decode tiles hold a few tokens,
+    where there is little to share).
+    """
+    if not isinstance(config, KernelConfig) or is_gemv(config):
+        return None
+    if (config.cluster_m, config.cluster_n) != (1, 1):
+        return None
+    if config.swap_ab:
+        if config.tile_m < 128 or config.tile_n < 64:
+            return None
+        variant = replace(config, cluster_m=2)
+    else:
+        if config.tile_n < 128:
+            return None
+        variant = replace(config, cluster_n=2)
+    return variant if invalid_reason(variant) is None else None
+
+
 def is_gemv(config: object) -> bool:
     """Whether ``config`` is the CUDA-core decode kernel (no tiles to reorder, no tensor cores)."""
     return getattr(config, "schedule", None) == GEMV

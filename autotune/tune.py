@@ -4,9 +4,11 @@ Flow of :func:`run_tuning`:
 
 1. **Candidates.** Per stage, a :class:`StageSpace`: the valid configs of
    :func:`autotune.space.search_space` (a diverse subset of ``max_configs``, always holding the
-   default configs) with the stage's epilogue. Invalid points never get here.
-2. **Compile first.** Every candidate of every stage is compiled ONCE, in the build pool, before
-   any timing (:meth:`Evaluator.prepare`); buckets and stages share the libraries. A failed
+   default configs) with the stage's epilogue, and the multicast variants of its wide tiles.
+   Invalid points never get here.
+2. **Compile first.** Every candidate (and variant) of every stage is compiled ONCE, in the
+   build pool, before any timing (:meth:`Evaluator.prepare`); buckets and stages share the
+   libraries. A failed
    compile becomes a failed trial with its log, never a stop.
 3. **Studies.** Per stage and bucket, a study named :func:`study_name`; ``BruteForceSampler``
    over the config names when a stage space has at most :data:`BRUTE_FORCE_MAX` points, else
@@ -17,7 +19,9 @@ Flow of :func:`run_tuning`:
 4. **Gate, then time.** :meth:`Evaluator.evaluate` checks each candidate against the fp32
    reference on fresh inputs (NaN-poisoned output) and only then times it by CUDA-graph replay
    over rotated inputs; a wrong kernel is a failed trial and is never selected.
-5. **Store.** Per bucket the winner, runner-up, times and the default's and peer's times go to
+5. **Refine.** Each bucket's winner is timed under every tile order (a launch argument), then
+   beside its multicast variant at that order; the faster point wins. Neither compiles.
+6. **Store.** Per bucket the winner, runner-up, times and the default's and peer's times go to
    the tuned store (:mod:`autotune.cache`).
 
 Storage defaults to a journal file in the cache, so a killed run resumes: trials that finished
@@ -75,6 +79,7 @@ from .space import (
     default_configs,
     invalid_reason,
     is_gemv,
+    multicast_variant,
     search_space,
     tile_orders,
 )
@@ -214,6 +219,11 @@ class StageSpace:
     the architecture's orders, each (config, order) a point of its own: the trial suggests one
     more categorical, "order", and :meth:`decode` returns ``{"order": TileOrder}``, which the
     tuner passes to ``Evaluator.evaluate``.
+
+    ``variants`` are the candidates' multicast variants
+    (:func:`~autotune.space.multicast_variant`): compiled with them, but not points of the
+    config study; one is timed only beside the winner it varies, after that winner's tile
+    orders (so they add two evaluations per bucket, not one per bucket and variant).
     """
 
     problem: LatentMoEProblem
@@ -221,6 +231,7 @@ class StageSpace:
     epilogue: str
     configs: tuple[KernelConfig, ...]
     orders: tuple[TileOrder, ...] = ()
+    variants: tuple[KernelConfig, ...] = ()
 
     @property
     def by_name(self) -> dict[str, KernelConfig]:
@@ -351,7 +362,7 @@ def select_candidates(problem: LatentMoEProblem, arch: str = "sm90",
         tiles.
     configs : sequence of KernelConfig or names, optional
         Explicit candidates (e.g. ``--configs``) instead of a subset of the space; the cap does
-        not apply.
+        not apply, and no multicast variants join (see :func:`stage_spaces`).
     stages : sequence of str, optional
         Stages whose default configs must be candidates (default: all of the problem's).
 
@@ -397,6 +408,9 @@ def stage_spaces(problem: LatentMoEProblem, arch: str, stages: Sequence[str],
                  configs: Sequence[KernelConfig | str] | None = None) -> dict[str, StageSpace]:
     """The :class:`StageSpace` of each stage; every stage shares one set of tile choices.
 
+    Unless ``configs`` names the candidates explicitly, each space also carries the multicast
+    variants of its wide candidates (:attr:`StageSpace.variants`).
+
     Requirements
     ------------
     As :func:`select_candidates`; each stage is one of ``stages_of(problem)``.
@@ -409,7 +423,10 @@ def stage_spaces(problem: LatentMoEProblem, arch: str, stages: Sequence[str],
                       if invalid_reason(c.with_epilogue(epilogue), problem) is None)
         if not cands:
             raise ValueError(f"no valid {arch} config for stage {stage} of {problem.key}")
-        spaces[stage] = StageSpace(problem, stage, epilogue, cands)
+        variants = () if configs is not None else tuple(
+            v for v in map(multicast_variant, cands)
+            if v is not None and invalid_reason(v, problem) is None)
+        spaces[stage] = StageSpace(problem, stage, epilogue, cands, variants=variants)
     return spaces
 
 
@@ -871,7 +888,7 @@ def _prepare(evaluator: Evaluator, spaces: Mapping[str, StageSpace], jobs: int |
              progress: bool) -> dict[str, str | None]:
     unique: dict[str, KernelConfig] = {}
     for space in spaces.values():
-        for c in space.configs:
+        for c in (*space.configs, *space.variants):
             unique.setdefault(c.name, c)
     with _bar(len(unique), "compile", "kernel", progress) as bar:
         errors = evaluator.prepare(list(unique.values()), jobs,
@@ -1034,6 +1051,15 @@ def _tiles_both_ways(problem: LatentMoEProblem, stage: str, tokens: int,
     return -(-m // config.tile_m) >= 2 and -(-n // config.tile_n) >= 2
 
 
+def _shares_token_tile(problem: LatentMoEProblem, stage: str, tokens: int,
+                       config: KernelConfig) -> bool:
+    """Whether a typical group of ``stage`` at ``tokens`` tokens fills at least half of
+    ``config``'s token tile: below that the tile is a small share of the bytes a CTA loads,
+    and fetching it once for a cluster of two saves little."""
+    token_tile = config.tile_n if config.swap_ab else config.tile_m
+    return 2 * _rows_per_group(problem, stage, tokens) >= token_tile
+
+
 def _order_study(run: _Run, stage: str, bucket: int, result: BucketResult
                  ) -> tuple[optuna.Study, StageSpace] | None:
     """The tile-order study of a bucket's winner, created and queued with every order and with
@@ -1087,6 +1113,58 @@ def _tune_order(run: _Run, stage: str, bucket: int, result: BucketResult,
                    evaluated=result.evaluated + ordered.evaluated,
                    pruned=result.pruned + ordered.pruned,
                    failures=result.failures + ordered.failures)
+
+
+def _multicast_study(run: _Run, stage: str, bucket: int, result: BucketResult
+                     ) -> tuple[optuna.Study, StageSpace] | None:
+    """The study that times the bucket winner's multicast variant beside the winner, both at
+    the winner's tile order, created and queued; None when the winner has no variant among
+    the compiled ones or its groups at this bucket hold too few tokens to share."""
+    space = run.spaces[stage]
+    config = space.by_name.get(result.winner.name)
+    variant = multicast_variant(config)
+    if (variant is None or variant not in space.variants or run.compile_errors.get(variant.name)
+            or not _shares_token_tile(run.problem, stage, bucket, config)):
+        return None
+    order = TileOrder.from_tag(result.winner.order)
+    pair = StageSpace(run.problem, stage, config.epilogue, (config, variant), (order,))
+    study = _open_study(run.store, f"{run.name(stage, bucket)}|multicast|{result.winner.label}",
+                        pair, 2, worker=False)
+    _recover(study, pair)
+    queued = {_name_of(pair, t) for t in study.get_trials(deepcopy=False)}
+    for c in (config, variant):
+        if pair.point_name(c, {"order": order}) not in queued:
+            study.enqueue_trial(pair.params_of(c, order), user_attrs={"seed": "multicast"})
+    return study, pair
+
+
+def _tune_multicast(run: _Run, stage: str, bucket: int, result: BucketResult,
+                    timeout: float | None, bar: Any) -> BucketResult:
+    """Time the bucket winner's multicast variant beside the winner, at the winner's tile
+    order, and keep the faster; ``result`` keeps its winner when there is no variant or the
+    variant is not faster. Side by side in one study, for the drift :func:`_tune_order` names.
+    """
+    opened = _multicast_study(run, stage, bucket, result) if result.winner else None
+    if opened is None:
+        return result
+    study, pair = opened
+    bar.total += 2
+    bar.refresh()
+    _run_study(run, study, pair, 2, bucket, timeout, bar)
+    both = collect_result(study, stage, bucket, result.default_name, pair)
+    counts = dict(evaluated=result.evaluated + both.evaluated,
+                  pruned=result.pruned + both.pruned, failures=result.failures + both.failures)
+    if both.winner is None or both.winner.name == result.winner.name:
+        return replace(result, **counts)
+    return replace(result, winner=both.winner, runner_up=both.runner_up, **counts)
+
+
+def _refine(run: _Run, stage: str, bucket: int, result: BucketResult, timeout: float | None,
+            bar: Any) -> BucketResult:
+    """A config study's winner after its tile orders, then its multicast variant: both need
+    no compile beyond the candidates' batch."""
+    result = _tune_order(run, stage, bucket, result, timeout, bar)
+    return _tune_multicast(run, stage, bucket, result, timeout, bar)
 
 
 def _prepare_studies(run: _Run, plan: Sequence[tuple[int, str]], notes: list[str]
@@ -1144,21 +1222,22 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
             default = default_config(run.problem, stage, bucket, run.arch).name
             result = collect_result(study, stage, bucket, default, run.spaces[stage])
             remaining = left()
-            # A worker leaves this bucket's tile orders to its second pass below: another
-            # process may still be timing a config here, and the order study is the winner's.
+            # A worker leaves this bucket's refinement (tile orders, multicast) to its second
+            # pass below: another process may still be timing a config here, and the
+            # refinement is the winner's.
             if (result.winner is not None and not run.worker and run.trials
                     and (remaining is None or remaining > 0)):
                 timeout = None if remaining is None else remaining / (len(plan) - i)
-                result = _tune_order(run, stage, bucket, result, timeout, bar)
+                result = _refine(run, stage, bucket, result, timeout, bar)
             if result.winner is not None:
                 run.winners[(stage, bucket)] = result.winner.name
             results[(bucket, stage)] = result
         if run.worker and run.trials:
-            # Second pass: every study whose configs are all timed gets its tile-order study
-            # and its peer here too, so that no GPU work is left to the one process that
-            # writes the table. A study another worker is still timing is that worker's to
-            # finish (it passes here after its own first pass); a run without ``worker``
-            # tops up whatever none finished.
+            # Second pass: every study whose configs are all timed gets its refinement
+            # (tile orders, multicast variant) and its peer here too, so that no GPU work is
+            # left to the one process that writes the table. A study another worker is still
+            # timing is that worker's to finish (it passes here after its own first pass); a
+            # run without ``worker`` tops up whatever none finished.
             for i, (bucket, stage) in enumerate(plan):
                 study = studies.get((bucket, stage))
                 remaining = left()
@@ -1169,7 +1248,7 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
                 result = collect_result(study, stage, bucket, default, run.spaces[stage])
                 if result.winner is not None:
                     timeout = None if remaining is None else remaining / (len(plan) - i)
-                    result = _tune_order(run, stage, bucket, result, timeout, bar)
+                    result = _refine(run, stage, bucket, result, timeout, bar)
                     run.winners[(stage, bucket)] = result.winner.name
                 _measure_peer(run, study, stage, bucket)
                 results[(bucket, stage)] = result
@@ -1211,9 +1290,9 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
         ``--worker``: only pull trials of studies that exist and seed none. Start workers once
         a first run (e.g. with ``trials=0``) has created the studies; every run opens and
         queues all its studies before it times anything. Once its configs are done a worker
-        also runs the tile-order study and times the peer of every study whose configs are
-        all timed, so that the run that writes the table (one without ``worker``) finds the
-        GPU work done.
+        also refines the winner (tile orders, multicast variant) and times the peer of every
+        study whose configs are all timed, so that the run that writes the table (one without
+        ``worker``) finds the GPU work done.
     compile_only : bool
         ``--compile-only``: build the candidates and stop (no GPU needed).
     evaluator : Evaluator, optional

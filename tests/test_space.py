@@ -20,6 +20,7 @@ from autotune.space import (
     gemv_configs,
     invalid_reason,
     is_gemv,
+    multicast_variant,
     search_space,
     space_hash,
     tile_orders,
@@ -280,3 +281,27 @@ def test_sm80_configs_take_every_epilogue():
     for epilogue, suffix in (("identity", ""), ("relu2", "_relu2"), ("f32", "_f32")):
         c = Sm80Config(128, 128, 32, 64, 64, 3, epilogue=epilogue)
         assert valid(c) and c.name == f"sm80_bf16_128x128x32_w64x64_s3{suffix}"
+
+
+@pytest.mark.parametrize("config,variant", [
+    # Tokens on M: two CTAs of neighbouring weight (N) tiles share the token tile.
+    (KernelConfig(128, 192, 64, epilogue="relu2"), "sm90_bf16_128x192x64_c1x2_coop_relu2"),
+    (KernelConfig(64, 128, 64, 1, 1, "pingpong"), "sm90_bf16_64x128x64_c1x2_pp"),
+    # Swap-AB puts the tokens on N: the cluster pairs weight (M) tiles.
+    (KernelConfig(256, 128, 64, 1, 1, "cooperative", True),
+     "sm90_bf16_256x128x64_c2x1_coop_swapab"),
+    (KernelConfig(128, 64, 128, 1, 1, "pingpong", True), "sm90_bf16_128x64x128_c2x1_pp_swapab"),
+    # Decode tiles, narrow weight tiles, clusters already, other kernels: none.
+    (KernelConfig(128, 16, 128, 1, 1, "pingpong", True), None),
+    (KernelConfig(64, 128, 64, 1, 1, "pingpong", True), None),
+    (KernelConfig(128, 64, 64), None),
+    (KernelConfig(128, 128, 64, 2, 1), None),
+    (gemv_configs()[0], None),
+    (Sm80Config(128, 128, 32, 64, 64, 3), None),
+    (Sm100Config(128, 128, 64), None),
+])
+def test_multicast_variant_shares_the_token_tile(config, variant):
+    v = multicast_variant(config)
+    assert (None if v is None else v.name) == variant
+    if v is not None:
+        assert valid(v) and v.epilogue == config.epilogue

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -37,6 +37,7 @@ from autotune.space import (
     gemv_configs,
     invalid_reason,
     is_gemv,
+    multicast_variant,
     valid,
 )
 from autotune.tune import (
@@ -99,6 +100,8 @@ class StandIn:
     orders: list = field(default_factory=list)  # (config, stage, tokens, order tag) calls
     order_gain: dict = field(default_factory=dict)  # order tag -> time factor
     order_drift: float = 1.0  # time factor of every tile-order study's evaluation
+    multicast_gain: float = 1.0  # a multicast variant's time over its c1x1 tile's (1: a tie)
+    fast: frozenset = frozenset()  # configs (and their variants) made 100 times faster
 
     def prepare(self, configs, jobs=None, on_done=None):
         out = {}
@@ -127,7 +130,12 @@ class StandIn:
             raise RuntimeError("launch failed: misaligned address")
         if config.name in self.wrong:
             return Failure("wrong", "relative error 0.7 > 0.01 against the fp32 reference")
-        t = fake_ms(config.name, stage, tokens)
+        single = (replace(config, cluster_m=1, cluster_n=1)
+                  if isinstance(config, KernelConfig) else None)
+        variant = single is not None and multicast_variant(single) == config
+        base = single.name if variant else config.name
+        t = fake_ms(base, stage, tokens) * (self.multicast_gain if variant else 1.0)
+        t *= 0.01 if base in self.fast else 1.0
         if order is not None:
             self.orders.append((config.name, stage, tokens, order.tag))
             t *= self.order_gain.get(order.tag, 1.0) * self.order_drift
@@ -185,11 +193,14 @@ def _key() -> str:
     return tuning_key(PROBLEM, "sm90", DEVICE)
 
 
-def _studies(storage, stage=None):
-    """(stage, bucket) -> study for every study in ``storage``."""
+def _studies(storage, stage=None, kind=None):
+    """(stage, bucket) -> study for every config study in ``storage`` (``kind`` "order" or
+    "multicast": those refinement studies instead)."""
     out = {}
     for s in optuna.get_all_study_summaries(storage):
-        _, st, bucket, *_ = s.study_name.split("|")
+        _, st, bucket, *rest = s.study_name.split("|")
+        if (rest[2:3] or [None])[0] != kind:
+            continue
         if stage is None or st == stage:
             out[(st, int(bucket[1:]))] = optuna.load_study(study_name=s.study_name,
                                                            storage=storage)
@@ -406,15 +417,22 @@ def test_run_records_winners_and_writes_the_table(tmp_path):
     report = run_tuning(PROBLEM, stages=["up", "fc2"], buckets=[4, 64], trials=6,
                         evaluator=ev, progress=False, max_configs=10)
     assert isinstance(report, TuningReport) and report.timed
-    assert len(report.results) == 4 and len(ev.calls) == 4 * 6
-    # 10 tiles and 4 gemv kernels x 2 epilogues, each once.
-    assert len(set(ev.prepared)) == len(ev.prepared) == 28
+    # Evaluations at a tile order are the refinements' (orders, multicast variant).
+    refined = collections.Counter((s, t) for _, s, t, _ in ev.orders)
+    assert len(report.results) == 4 and len(ev.calls) == 4 * 6 + sum(refined.values())
+    # 10 tiles, their multicast variants and 4 gemv kernels x 2 epilogues, each once.
+    spaces = stage_spaces(PROBLEM, "sm90", ["up", "fc2"], 10)
+    built = {c.name for s in spaces.values() for c in (*s.configs, *s.variants)}
+    assert len(built) == 28 + 2 * len(spaces["up"].variants)
+    assert set(ev.prepared) == built and len(ev.prepared) == len(built)
     for r in report.results:
-        timed = [(fake_ms(n, s, t), n) for n, s, t in ev.calls if (s, t) == (r.stage, r.bucket)]
-        assert r.winner.name == min(timed)[1]
-        assert r.runner_up.name == sorted(timed)[1][1]
+        # The stand-in times a variant like its c1x1 tile: a tie, which the c1x1 tile keeps.
+        timed = sorted({(fake_ms(n, s, t), n) for n, s, t in ev.calls
+                        if (s, t) == (r.stage, r.bucket) and n in spaces[s].by_name})
+        assert r.winner.name == timed[0][1]
+        assert r.runner_up.name == timed[1][1]
         assert r.default is not None and r.default.name == r.default_name
-        assert r.peer_ms == 0.5 and r.evaluated == 6
+        assert r.peer_ms == 0.5 and r.evaluated == 6 + refined[(r.stage, r.bucket)]
     table = read_table(report.table_path)
     assert table.config_for("up", 3).name == report.result("up", 4).winner.name
     assert table.config_for("fc2", 1000).name == report.result("fc2", 64).winner.name
@@ -443,8 +461,9 @@ def test_default_config_is_measured_first():
     ev = StandIn()
     run_tuning(PROBLEM, stages=["down"], buckets=[2, 2048], trials=1, evaluator=ev,
                progress=False, max_configs=8)
-    assert [c[0] for c in ev.calls] == [default_config(PROBLEM, "down", 2).name,
-                                        default_config(PROBLEM, "down", 2048).name]
+    for bucket in (2, 2048):
+        first = next(c[0] for c in ev.calls if c[2] == bucket)
+        assert first == default_config(PROBLEM, "down", bucket).name
 
 
 def test_timing_is_one_attribute_and_older_flat_fields_still_read(tmp_path):
@@ -636,8 +655,8 @@ def test_workers_also_time_tile_orders_and_peers(tmp_path):
     assert not order_study.get_trials(states=(TrialState.RUNNING,))
     timed = [t for t in _evaluated(order_study) if t.user_attrs.get("order")]
     assert {t.user_attrs["order"] for t in timed} >= {o.tag for o in TILE_ORDERS}
-    for name in set(names) - set(orders):
-        assert "peer" in optuna.load_study(study_name=name, storage=store).user_attrs
+    for study in _studies(store).values():
+        assert "peer" in study.user_attrs
     ev = StandIn()
     report = run_tuning(PROBLEM, trials=5, storage=storage, evaluator=ev, progress=False, **kw)
     assert ev.calls == [] and ev.orders == []
@@ -710,7 +729,7 @@ def test_worker_without_studies_does_nothing():
     assert any("no study" in n for n in report.notes)
 
 
-def test_tile_orders_are_tuned_for_the_winner_without_recompiling():
+def test_tile_orders_are_tuned_for_the_winner_without_recompiling(tmp_path):
     # fc1 at 1024 tokens spans several tiles both ways whatever the winner, so its winner is
     # timed under every sm90 tile order; "n4" is made 10% faster.
     ev = StandIn(order_gain={"n4": 0.9})
@@ -718,12 +737,19 @@ def test_tile_orders_are_tuned_for_the_winner_without_recompiling():
     report = run_tuning(PROBLEM, evaluator=ev, **kw)
     big, small = report.result("fc1", 1024), report.result("fc1", 4)
     assert big.winner.order == "n4" and big.winner.label.endswith("@n4")
-    mine = sorted(o for c, _, t, o in ev.orders if (c, t) == (big.winner.name, 1024))
+    store = _storage(_journal(tmp_path))
+    timed = [(t.user_attrs["config"], t.user_attrs["order"])
+             for t in _evaluated(_studies(store, kind="order")[("fc1", 1024)])]
+    mine = sorted(o for c, o in timed if c == big.winner.name)
     assert mine == sorted(o.tag for o in TILE_ORDERS)
     # Beside them, the default config at the default order (unless it is the winner).
-    others = [(c, t, o) for c, _, t, o in ev.orders if c != big.winner.name]
-    assert others in ([], [(big.default_name, 1024, "m1")])
-    assert big.evaluated == 5 + len(TILE_ORDERS) + len(others)
+    others = [(c, o) for c, o in timed if c != big.winner.name]
+    assert others in ([], [(big.default_name, "m1")])
+    # Then the winner's multicast variant beside it, at n4 (a tie here: the winner stays).
+    multicast = _studies(store, kind="multicast").get(("fc1", 1024))
+    paired = [] if multicast is None else _evaluated(multicast)
+    assert all(t.user_attrs["order"] == "n4" for t in paired) and len(paired) in (0, 2)
+    assert big.evaluated == 5 + len(TILE_ORDERS) + len(others) + len(paired)
     assert small.winner.order == "m1" and small.evaluated == 5  # one tile wide: no order study
     assert sorted(ev.prepared) == sorted(set(ev.prepared))  # nothing compiled for the orders
     table = read_table(report.table_path)
@@ -735,6 +761,52 @@ def test_tile_orders_are_tuned_for_the_winner_without_recompiling():
     again = StandIn(order_gain={"n4": 0.9})
     run_tuning(PROBLEM, evaluator=again, **kw)
     assert again.calls == [] and again.orders == []
+
+
+@pytest.mark.parametrize("gain", [0.8, 1.25])
+def test_multicast_variant_is_timed_beside_a_wide_winner(tmp_path, gain):
+    # fc1's 128x256 tile is made the fastest candidate; at 1024 tokens its token tile is full,
+    # so after its tile orders it is timed beside its c1x2 variant, which wins when faster.
+    wide = KernelConfig(128, 256, 64, epilogue="f32")
+    ev = StandIn(fast=frozenset({wide.name}), multicast_gain=gain)
+    space = stage_spaces(PROBLEM, "sm90", ["fc1"], 8)["fc1"]
+    trials = len(space.configs)  # every candidate timed
+    kw = dict(stages=["fc1"], buckets=[4, 1024], trials=trials, progress=False, max_configs=8)
+    report = run_tuning(PROBLEM, evaluator=ev, **kw)
+    variant = multicast_variant(wide)
+    assert variant.name == "sm90_bf16_128x256x64_c1x2_coop_f32"
+    assert variant in space.variants and variant.name not in space.by_name
+    assert ev.prepared.count(variant.name) == 1  # built in the candidates' batch
+    store = _storage(_journal(tmp_path))
+    for study in _studies(store).values():  # the config studies never time a variant
+        assert all(t.user_attrs["config"] in space.by_name for t in _evaluated(study))
+    big, small = report.result("fc1", 1024), report.result("fc1", 4)
+    order = _studies(store, kind="order")[("fc1", 1024)]
+    best = min(_evaluated(order), key=lambda t: t.value).user_attrs["order"]
+    paired = _evaluated(_studies(store, kind="multicast")[("fc1", 1024)])
+    assert sorted(t.user_attrs["config"] for t in paired) == sorted([wide.name, variant.name])
+    assert {t.user_attrs["order"] for t in paired} == {best}
+    assert big.evaluated == trials + len(_evaluated(order)) + 2
+    table = read_table(report.table_path)
+    if gain < 1:
+        assert big.winner.name == variant.name and big.runner_up.name == wide.name
+        assert table.config_for("fc1", 1000) == variant and big.winner.order == best
+    else:
+        assert big.winner.name == wide.name and table.config_for("fc1", 1000) == wide
+    # Four tokens fill 4 of the tile's 128 rows: nothing to share, no multicast study.
+    assert ("fc1", 4) not in _studies(store, kind="multicast")
+    assert small.winner.name == wide.name
+    # A rerun finds the multicast study done as well.
+    again = StandIn(fast=frozenset({wide.name}), multicast_gain=gain)
+    run_tuning(PROBLEM, evaluator=again, **kw)
+    assert again.calls == []
+
+
+def test_explicit_configs_get_no_multicast_variants():
+    wide = KernelConfig(128, 256, 64)
+    space = stage_spaces(PROBLEM, "sm90", ["fc1"], configs=[wide.name])["fc1"]
+    assert space.variants == ()
+    assert stage_spaces(PROBLEM, "sm90", ["fc1"])["fc1"].variants
 
 
 def test_order_study_times_the_default_beside_the_winner():
@@ -794,10 +866,13 @@ def test_compile_only_times_nothing_and_needs_no_device():
     report = run_tuning(PROBLEM, buckets=[1], compile_only=True, evaluator=ev, progress=False,
                         max_configs=6)
     assert not report.timed and report.results == () and ev.calls == []
-    # Every tile (the defaults always, past the cap of 6) x (f32, relu2, identity), once.
+    # Every tile (the defaults always, past the cap of 6) and its multicast variant, if it has
+    # one, x (f32, relu2, identity), once.
     tiles = select_candidates(PROBLEM, "sm90", 6)
-    assert len(tiles) >= 6
-    assert len(report.compiled) == 3 * len(tiles) and all(r.ok for r in report.compiled)
+    variants = [v for v in map(multicast_variant, tiles) if v is not None]
+    assert len(tiles) >= 6 and variants
+    assert len(report.compiled) == 3 * (len(tiles) + len(variants))
+    assert all(r.ok for r in report.compiled)
     with pytest.raises(RuntimeError, match="no GPU"):
         run_tuning(PROBLEM, buckets=[1], evaluator=NoDevice(), progress=False)
 
