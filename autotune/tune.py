@@ -8,8 +8,7 @@ Flow of :func:`run_tuning`:
    Invalid points never get here.
 2. **Compile first.** Every candidate (and variant) of every stage is compiled ONCE, in the
    build pool, before any timing (:meth:`Evaluator.prepare`); buckets and stages share the
-   libraries. A failed
-   compile becomes a failed trial with its log, never a stop.
+   libraries. A failed compile becomes a failed trial with its log, never a stop.
 3. **Studies.** Per stage and bucket, a study named :func:`study_name`; ``BruteForceSampler``
    over the config names when a stage space has at most :data:`BRUTE_FORCE_MAX` points, else
    ``TPESampler`` over the axes (tile, cluster, schedule, swap-AB), seeded by
@@ -1221,6 +1220,10 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
                            bar)
             default = default_config(run.problem, stage, bucket, run.arch).name
             result = collect_result(study, stage, bucket, default, run.spaces[stage])
+            if result.winner is not None:
+                # The config study's winner seeds the neighbouring buckets (a multicast
+                # variant that beats it in the refinement is not a point of their studies).
+                run.winners[(stage, bucket)] = result.winner.name
             remaining = left()
             # A worker leaves this bucket's refinement (tile orders, multicast) to its second
             # pass below: another process may still be timing a config here, and the
@@ -1229,8 +1232,6 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
                     and (remaining is None or remaining > 0)):
                 timeout = None if remaining is None else remaining / (len(plan) - i)
                 result = _refine(run, stage, bucket, result, timeout, bar)
-            if result.winner is not None:
-                run.winners[(stage, bucket)] = result.winner.name
             results[(bucket, stage)] = result
         if run.worker and run.trials:
             # Second pass: every study whose configs are all timed gets its refinement
@@ -1247,9 +1248,9 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
                 default = results[(bucket, stage)].default_name
                 result = collect_result(study, stage, bucket, default, run.spaces[stage])
                 if result.winner is not None:
+                    run.winners[(stage, bucket)] = result.winner.name
                     timeout = None if remaining is None else remaining / (len(plan) - i)
                     result = _refine(run, stage, bucket, result, timeout, bar)
-                    run.winners[(stage, bucket)] = result.winner.name
                 _measure_peer(run, study, stage, bucket)
                 results[(bucket, stage)] = result
     return list(results.values()), notes
