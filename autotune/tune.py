@@ -106,9 +106,10 @@ __all__ = [
 log = logging.getLogger("autotune")
 
 # Sized for the 10-minute cold run on one H200 host: 12 tensor-core candidates per epilogue kind
-# (36 sm90a compiles, about 130 s on 16 cores; the gemv kernels take seconds) and trials enough
-# for a brute-force study to time every candidate, the four gemv kernels (beyond the cap)
-# included: the Super preset's 28 buckets then take about 250 s of trials on the H200.
+# (36 sm90a compiles, about 130 s on 16 cores; the gemv kernels take seconds; the multicast
+# variants of 5 of them add 15) and trials enough for a brute-force study to time every
+# candidate, the four gemv kernels (beyond the cap) included: the Super preset's 28 buckets then
+# take about 260 s of trials on the H200, the refinements (tile orders, multicast) included.
 DEFAULT_MAX_CONFIGS = 12
 DEFAULT_TRIALS = 16
 # Up to this many points an exhaustive search costs no more than TPE's start-up phase.
