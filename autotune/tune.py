@@ -19,7 +19,8 @@ Flow of :func:`run_tuning`:
    reference on fresh inputs (NaN-poisoned output) and only then times it by CUDA-graph replay
    over rotated inputs; a wrong kernel is a failed trial and is never selected.
 5. **Refine.** Each bucket's winner is timed under every tile order (a launch argument), then
-   beside its multicast variant at that order; the faster point wins. Neither compiles.
+   beside its multicast variant at that order, the default beside both each time; the fastest
+   point wins. Neither compiles.
 6. **Store.** Per bucket the winner, runner-up, times and the default's and peer's times go to
    the tuned store (:mod:`autotune.cache`).
 
@@ -222,8 +223,8 @@ class StageSpace:
 
     ``variants`` are the candidates' multicast variants
     (:func:`~autotune.space.multicast_variant`): compiled with them, but not points of the
-    config study; one is timed only beside the winner it varies, after that winner's tile
-    orders (so they add two evaluations per bucket, not one per bucket and variant).
+    config study; one is timed only beside the winner it varies (and the default), after that
+    winner's tile orders (so they add three evaluations per bucket, not one per variant).
     """
 
     problem: LatentMoEProblem
@@ -1060,114 +1061,88 @@ def _shares_token_tile(problem: LatentMoEProblem, stage: str, tokens: int,
     return 2 * _rows_per_group(problem, stage, tokens) >= token_tile
 
 
-def _order_study(run: _Run, stage: str, bucket: int, result: BucketResult
-                 ) -> tuple[optuna.Study, StageSpace] | None:
-    """The tile-order study of a bucket's winner, created and queued with every order and with
-    the default config at the default order beside them; None when orders cannot matter (the
-    winner's kernel takes one order, or its grid is one tile wide)."""
-    by_name = run.spaces[stage].by_name
-    config = by_name.get(result.winner.name)
-    if config is None:
-        return None
-    orders = tile_orders(config)
-    if len(orders) < 2 or not _tiles_both_ways(run.problem, stage, bucket, config):
-        return None
-    default = by_name.get(result.default_name)
-    configs = (config,) if default in (None, config) else (config, default)
-    space = StageSpace(run.problem, stage, config.epilogue, configs, orders)
-    points = [(config, order) for order in orders]
-    if len(configs) == 2:
-        points.append((default, DEFAULT_ORDER))
-    # Named after the winner: a later run whose winner changed gets a study of its own.
-    study = _open_study(run.store, f"{run.name(stage, bucket)}|order|{config.name}", space,
+def _side_by_side(run: _Run, stage: str, bucket: int, result: BucketResult, kind: str,
+                  label: str, points: Sequence[tuple[KernelConfig, TileOrder]],
+                  timeout: float | None, bar: Any) -> BucketResult:
+    """Time ``points`` ((config, tile order) pairs) of a bucket in one study of their own,
+    named ``<config study>|<kind>|<label>`` (a later run whose winner changed gets another),
+    every point queued; the study's result, its default from among the points.
+
+    Side by side because times taken minutes apart in different studies drift by a few
+    percent (clocks, L2 and routing draws), enough to report a tuned bucket slower than its
+    default: a refinement judges its points only against each other."""
+    configs = tuple(dict.fromkeys(c for c, _ in points))
+    orders = tuple(dict.fromkeys(o for _, o in points))
+    space = StageSpace(run.problem, stage, configs[0].epilogue, configs, orders)
+    study = _open_study(run.store, f"{run.name(stage, bucket)}|{kind}|{label}", space,
                         len(points), worker=False)
     _recover(study, space)
     queued = {_name_of(space, t) for t in study.get_trials(deepcopy=False)}
     for c, order in points:
         if space.point_name(c, {"order": order}) not in queued:
-            study.enqueue_trial(space.params_of(c, order), user_attrs={"seed": "order"})
-    return study, space
+            study.enqueue_trial(space.params_of(c, order), user_attrs={"seed": kind})
+    bar.total += len(points)
+    bar.refresh()
+    _run_study(run, study, space, len(points), bucket, timeout, bar)
+    return collect_result(study, stage, bucket, result.default_name, space)
+
+
+def _counted(result: BucketResult, side: BucketResult, **winners: Any) -> BucketResult:
+    """``result`` with ``side``'s evaluations, prunes and failures added (and ``winners``:
+    fields taken from it)."""
+    return replace(result, evaluated=result.evaluated + side.evaluated,
+                   pruned=result.pruned + side.pruned, failures=result.failures + side.failures,
+                   **winners)
 
 
 def _tune_order(run: _Run, stage: str, bucket: int, result: BucketResult,
                 timeout: float | None, bar: Any) -> BucketResult:
     """Time the bucket winner under every tile order (no recompile), and the default config
-    beside them, and keep the fastest; ``result`` is returned unchanged when orders cannot
-    matter.
-
-    The winner and the default of the returned result are both from this one study, timed side
-    by side: times taken minutes apart in different studies drift by a few percent (clocks,
-    L2 and routing draws), enough to report a tuned bucket slower than its default."""
-    opened = _order_study(run, stage, bucket, result)
-    if opened is None:
+    at the default order beside them, and keep the fastest; ``result`` is returned unchanged
+    when orders cannot matter (the winner's kernel takes one order, or its grid is one tile
+    wide). The returned winner and default both come from this one study."""
+    by_name = run.spaces[stage].by_name
+    config = by_name.get(result.winner.name)
+    if config is None:
         return result
-    study, space = opened
-    target = len(space.orders) + len(space.configs) - 1
-    bar.total += target
-    bar.refresh()
-    _run_study(run, study, space, target, bucket, timeout, bar)
-    ordered = collect_result(study, stage, bucket, result.default_name, space)
-    if ordered.winner is None:
+    orders = tile_orders(config)
+    if len(orders) < 2 or not _tiles_both_ways(run.problem, stage, bucket, config):
         return result
-    return replace(result, winner=ordered.winner, default=ordered.default or result.default,
-                   evaluated=result.evaluated + ordered.evaluated,
-                   pruned=result.pruned + ordered.pruned,
-                   failures=result.failures + ordered.failures)
+    points = [(config, order) for order in orders]
+    default = by_name.get(result.default_name)
+    if default not in (None, config):
+        points.append((default, DEFAULT_ORDER))
+    side = _side_by_side(run, stage, bucket, result, "order", config.name, points, timeout,
+                         bar)
+    if side.winner is None:
+        return _counted(result, side)
+    return _counted(result, side, winner=side.winner, default=side.default or result.default)
 
 
-def _multicast_study(run: _Run, stage: str, bucket: int, result: BucketResult
-                     ) -> tuple[optuna.Study, StageSpace, int] | None:
-    """The study that times the bucket winner's multicast variant beside the winner, both at
-    the winner's tile order, and the default config at the default order, created and
-    queued, with its number of points; None when the winner has no variant among the compiled
-    ones or its groups at this bucket hold too few tokens to share."""
+def _tune_multicast(run: _Run, stage: str, bucket: int, result: BucketResult,
+                    timeout: float | None, bar: Any) -> BucketResult:
+    """Time the bucket winner's multicast variant beside the winner, both at the winner's
+    tile order, and the default config at the default order beside them; ``result`` is
+    returned unchanged when the winner has no variant among the compiled ones or its groups
+    at this bucket hold too few tokens to share. Otherwise the winner, runner-up and default
+    come from this one study, so the variant is only judged against points timed with it."""
     space = run.spaces[stage]
-    config = space.by_name.get(result.winner.name)
+    config = space.by_name.get(result.winner.name) if result.winner else None
     variant = multicast_variant(config)
     if (variant is None or variant not in space.variants or run.compile_errors.get(variant.name)
             or not _shares_token_tile(run.problem, stage, bucket, config)):
-        return None
+        return result
     order = TileOrder.from_tag(result.winner.order)
     points = [(config, order), (variant, order)]
     default = space.by_name.get(result.default_name)
     if default is not None and (default, DEFAULT_ORDER) != (config, order):
         points.append((default, DEFAULT_ORDER))
-    orders = tuple(dict.fromkeys(o for _, o in points))
-    configs = tuple(dict.fromkeys(c for c, _ in points))
-    trio = StageSpace(run.problem, stage, config.epilogue, configs, orders)
-    study = _open_study(run.store, f"{run.name(stage, bucket)}|multicast|{result.winner.label}",
-                        trio, len(points), worker=False)
-    _recover(study, trio)
-    queued = {_name_of(trio, t) for t in study.get_trials(deepcopy=False)}
-    for c, o in points:
-        if trio.point_name(c, {"order": o}) not in queued:
-            study.enqueue_trial(trio.params_of(c, o), user_attrs={"seed": "multicast"})
-    return study, trio, len(points)
-
-
-def _tune_multicast(run: _Run, stage: str, bucket: int, result: BucketResult,
-                    timeout: float | None, bar: Any) -> BucketResult:
-    """Time the bucket winner's multicast variant beside the winner, at the winner's tile
-    order, and the default beside both; ``result`` is returned unchanged when the winner has
-    no variant. Otherwise the winner, runner-up and default come from this one study: times
-    minutes apart drift by a few percent (see :func:`_tune_order`), so the variant is only
-    judged against points timed with it, and a bucket never reports its winner slower than
-    its default for drift.
-    """
-    opened = _multicast_study(run, stage, bucket, result) if result.winner else None
-    if opened is None:
-        return result
-    study, trio, target = opened
-    bar.total += target
-    bar.refresh()
-    _run_study(run, study, trio, target, bucket, timeout, bar)
-    side = collect_result(study, stage, bucket, result.default_name, trio)
-    counts = dict(evaluated=result.evaluated + side.evaluated,
-                  pruned=result.pruned + side.pruned, failures=result.failures + side.failures)
+    side = _side_by_side(run, stage, bucket, result, "multicast", result.winner.label, points,
+                         timeout, bar)
     if side.winner is None:
-        return replace(result, **counts)
-    return replace(result, winner=side.winner, runner_up=side.runner_up,
-                   default=side.default or result.default, **counts)
+        return _counted(result, side)
+    return _counted(result, side, winner=side.winner, runner_up=side.runner_up,
+                    default=side.default or result.default)
 
 
 def _refine(run: _Run, stage: str, bucket: int, result: BucketResult, timeout: float | None,
