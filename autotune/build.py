@@ -130,8 +130,9 @@ def build_key(config: KernelConfig, nvcc: str) -> str:
     # stays valid when the package or its virtual environment moves.
     flags = [f for f in nvcc_flags(config.arch) if not f.startswith("-I")]
     parts = {
-        "source": render(config), "templates": templates_hash(), "cutlass": cutlass_tree_hash(),
-        "nvcc": nvcc_version(nvcc), "flags": flags, "package": __version__,
+        "source": render(config), "templates": templates_hash(config),
+        "cutlass": cutlass_tree_hash(), "nvcc": nvcc_version(nvcc), "flags": flags,
+        "package": __version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -8,6 +8,7 @@ same text); writing is write-if-different so unchanged sources keep their timest
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import jinja2
@@ -97,14 +98,36 @@ def render(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> s
 
 
 def template_files() -> list[Path]:
-    """Every template file (sources and headers), for the build key."""
+    """Every template file (sources and headers)."""
     root = template_dir()
     return sorted(p for p in root.iterdir() if p.suffix in (".j2", ".cuh", ".cu"))
 
 
-def templates_hash() -> str:
+# A quoted C++ include or a Jinja include/import/extends: how one template pulls in another.
+_INCLUDE = re.compile(r'#include\s+"([^"]+)"|\{%-?\s*(?:include|import|from|extends)\s+'
+                      r'["\']([^"\']+)["\']')
+
+
+def template_closure(name: str) -> list[Path]:
+    """The template file ``name`` and every template file it includes, transitively (names that
+    are not in the template folder, such as CUTLASS headers, are left to their own hash)."""
+    root = template_dir()
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        n = todo.pop()
+        if n in seen or not (root / n).is_file():
+            continue
+        seen.add(n)
+        todo += [a or b for a, b in _INCLUDE.findall((root / n).read_text())]
+    return sorted(root / n for n in seen)
+
+
+def templates_hash(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> str:
+    """Hash of the template files that ``config``'s source is made of (a change to the routing
+    templates leaves the GEMM libraries' keys alone, and the other way round)."""
     h = hashlib.sha256()
-    for p in template_files():
+    for p in template_closure(template_name(config)):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,28 @@ def test_sm100_exports_the_sm90_abi():
         return text[text.index("AUTOTUNE_EXPORT"):].replace("sm100", "ARCH").replace("sm90", "ARCH")
 
     assert entry_points(Sm100Config(128, 64, 64)) == entry_points(KernelConfig(128, 64, 64))
+
+
+def test_templates_hash_covers_what_a_config_includes(tmp_path, monkeypatch):
+    """A routing change keeps the GEMM libraries' build keys (they do not include it); a shared
+    header's change reaches every config that includes it, transitively."""
+    from autotune import codegen
+    from autotune.space import RoutingConfig
+
+    root = tmp_path / "templates"
+    shutil.copytree(codegen.template_dir(), root)
+    monkeypatch.setattr(codegen, "template_dir", lambda: root)
+    gemm, routing = KernelConfig(128, 64, 64), RoutingConfig("bf16", "sm90")
+    sm100 = Sm100Config(256, 128, 64, 2, 1, "2sm")
+    before = {c: codegen.templates_hash(c) for c in (gemm, sm100, routing)}
+    assert [p.name for p in codegen.template_closure("moe_routing.cu.j2")] == [
+        "moe_routing.cu.j2", "moe_routing.cuh"]
+
+    with (root / "moe_routing.cuh").open("a") as f:
+        f.write("// changed\n")
+    assert codegen.templates_hash(gemm) == before[gemm]
+    assert codegen.templates_hash(routing) != before[routing]
+    with (root / "epilogues.cuh").open("a") as f:  # sm100 reaches it through sm90's header
+        f.write("// changed\n")
+    assert codegen.templates_hash(gemm) != before[gemm]
+    assert codegen.templates_hash(sm100) != before[sm100]
