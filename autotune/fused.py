@@ -10,12 +10,14 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
    with an fp32 epilogue. The fp32 gate weight is split into bf16 high and low parts, both run on
    the tensor cores with fp32 accumulation, and the routing kernel sums them: logits within about
    2^-16 of the fp32 router at tensor-core speed, sharing x's reads with fc1.
-2. routing kernel: scores, grouped top-k, weights, per-expert counts and ranks.
-3. offsets kernel: prefix sums, compacted per-group shapes and pointer arrays of both grouped
-   GEMMs (active experts first).
+2. routing kernel: scores, grouped top-k (a bisection on the order-preserving keys of the
+   scores), weights, per-expert counts and ranks.
+3. offsets: prefix sums, compacted per-group shapes and pointer arrays of both grouped GEMMs
+   (active experts first).
 4. gather: each (token, j) pair's row of fc1's output, converted to bf16, at its sorted place.
-   Up to 16 tokens, steps 2-4 are one single-block kernel (decode: their launches, not their
-   work, were most of the routing time).
+   Steps 3 and 4 are one kernel (every block scans the counts itself); up to 16 tokens steps
+   2-4 are one single-block kernel (decode: their launches, not their work, were most of the
+   routing time).
 5. grouped GEMM 1 with relu2 in its epilogue (SwiGLU: plain GEMM, then a SwiGLU kernel).
 6. grouped GEMM 2.
 7. combine: routing-weighted sum over the top-k in fp32, fixed order (deterministic).

@@ -418,7 +418,7 @@ def is_gemv(config: object) -> bool:
     return getattr(config, "schedule", None) == GEMV
 
 
-# The offsets kernel scans the per-expert counts with one block, and the grouped top-k keeps its
+# The offsets scan the per-expert counts within one block, and the grouped top-k keeps its
 # group scores in shared memory.
 MAX_EXPERTS = 4096
 MAX_GROUPS = 128

@@ -25,7 +25,7 @@ from test_fused_gpu import fused, make_weights  # noqa: E402
 from autotune.bench import time_graph  # noqa: E402
 from autotune.problem import preset  # noqa: E402
 
-_STAGES = ("route_gather_small_kernel", "zero_kernel", "route_kernel", "offsets_kernel",
+_STAGES = ("route_gather_small_kernel", "zero_kernel", "route_kernel", "offsets_gather_kernel",
            "gather_kernel", "swiglu_kernel", "combine_split_kernel", "combine_kernel",
            "fill_group_arguments", "fill_dense_arguments")
 

@@ -6,7 +6,8 @@
 //
 // The routing kernel is timed as the library launches it, and again as a copy of its body with
 // clock64 stamps between the phases (zeroing the counts, top-k, offsets, gather; keep the copy
-// in step with route_gather_small_kernel in templates/moe_routing.cuh). Super sizes: 512
+// in step with route_gather_small_kernel in templates/moe_routing.cuh); then the many-token
+// path's kernels at T = 2048 and 8192. Super sizes: 512
 // experts, top-22, sigmoid scoring with a bias, latent width 1024, fp32 router output.
 #include <algorithm>
 #include <cstdio>
@@ -31,28 +32,31 @@ stamped_kernel(R::RouteArgs r, R::OffsetArgs o, const Src* __restrict__ src, int
   extern __shared__ int32_t smem_words[];
   int32_t* counts = smem_words;
   int32_t* start = counts + r.experts;
-  float* score = reinterpret_cast<float*>(start + r.experts);
-  unsigned* list_key = reinterpret_cast<unsigned*>(score + r.experts);
+  unsigned* list_key = reinterpret_cast<unsigned*>(start + r.experts);
   int32_t* list_e = reinterpret_cast<int32_t*>(list_key + R::kSmallWarps * R::kListMax);
-  float* group_scratch = reinterpret_cast<float*>(list_e + R::kSmallWarps * R::kListMax);
+  float* list_score = reinterpret_cast<float*>(list_e + R::kSmallWarps * R::kListMax);
+  float* group_scratch = list_score + R::kSmallWarps * R::kListMax;
   int warp = threadIdx.x / R::kWarp, lane = threadIdx.x % R::kWarp;
   for (int e = threadIdx.x; e < r.experts; e += R::kSmallThreads) counts[e] = 0;
   __syncthreads();
   long long t1 = clock64();
   long long t2 = 0;
   if (r.tokens == 1) {
-    R::route_one_token_block(r, score, list_key, list_e, group_scratch, group_scratch + r.experts,
-                             reinterpret_cast<int*>(group_scratch + r.experts + R::kMaxGroups), counts);
+    R::route_one_token_block(r, group_scratch, group_scratch + r.experts,
+                             reinterpret_cast<int*>(group_scratch + r.experts + r.n_group),
+                             R::PickList{list_key, list_e, list_score}, counts);
     t2 = clock64();
   } else if (warp < r.tokens) {
-    float* buf = group_scratch + warp * (r.experts + 2 * R::kMaxGroups);
+    float* buf = group_scratch + warp * (r.experts + 2 * r.n_group);
+    const int at = warp * R::kListMax;
     R::route_token_regs<PerLane>(r, warp, lane, buf, buf + r.experts,
-                                 reinterpret_cast<int*>(buf + r.experts + R::kMaxGroups), counts);
+                                 reinterpret_cast<int*>(buf + r.experts + r.n_group),
+                                 R::PickList{list_key + at, list_e + at, list_score + at}, counts);
     t2 = clock64();
   }
   __syncthreads();
   long long t3 = clock64();
-  R::write_offsets<R::kSmallThreads, R::kSmallExperts / R::kSmallThreads>(o, counts, start);
+  R::write_offsets<R::kSmallThreads>(o, counts, start);
   __syncthreads();
   long long t4 = clock64();
   for (int p = warp; p < r.tokens * r.top_k; p += R::kSmallWarps)
@@ -103,6 +107,42 @@ int main() {
     double us = 1e3 / clock_khz;
     printf("T=%2d route_gather_small %.2f us (stamped %.2f): zero %.2f | route(warp0) %.2f, all %.2f | offsets %.2f | gather %.2f | total in-kernel %.2f us\n",
            T, real, stamped, hs[0] * us, hs[1] * us, hs[2] * us, hs[3] * us, hs[4] * us, hs[5] * us);
+  }
+  // Many tokens: the three launches of the library's path (zero, route, offsets+gather), each
+  // timed alone in a graph of ten.
+  for (int T : {2048, 8192}) {
+    float *lg, *w;
+    int32_t *tid, *sl, *ro;
+    bf16* dst;
+    CK(cudaMalloc(&lg, size_t(T) * ld * 4)); CK(cudaMalloc(&w, size_t(T) * K * 4));
+    CK(cudaMalloc(&tid, size_t(T) * K * 4)); CK(cudaMalloc(&sl, size_t(T) * K * 4));
+    CK(cudaMalloc(&ro, size_t(T) * K * 4)); CK(cudaMalloc(&dst, size_t(T) * K * W * 2));
+    std::vector<float> hl(size_t(T) * ld);
+    for (auto& v : hl) v = nd(rng);
+    CK(cudaMemcpy(lg, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice));
+    R::RouteArgs r{lg, ld, 0, E, bias, T, E, K, 1, 1, 0, 1, 5.0f, tid, w, counts, sl};
+    R::OffsetArgs o{counts, E, start, mnk1, ptrs1, mnk2, ptrs2, addr(dst), addr(wup), addr(h1),
+                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2};
+    const int blocks = (T + R::kRouteWarps - 1) / R::kRouteWarps;
+    auto zero = [&](cudaStream_t s) { R::zero_kernel<<<1, R::kZeroThreads, 0, s>>>(counts, E); };
+    auto route = [&](cudaStream_t s) {
+      R::route_kernel_regs<16><<<blocks, R::kRouteWarps * R::kWarp, 0, s>>>(r);
+    };
+    int per_sm = 0, sms = 0;
+    auto gk = R::offsets_gather_kernel<bf16, float>;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gk, R::kGatherThreads, E * 4));
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int gblocks = std::min(T * K / (R::kGatherThreads / R::kWarp), sms * per_sm);
+    auto gather = [&](cudaStream_t s) {
+      gk<<<gblocks, R::kGatherThreads, E * 4, s>>>(o, T, K, tid, sl, lg + 2 * E, ld, dst, ro);
+    };
+    float tz = graph_us([&](int, cudaStream_t s) { zero(s); }, st);
+    float tr = graph_us([&](int, cudaStream_t s) { zero(s); route(s); }, st) - tz;
+    zero(st); route(st);
+    float tg = graph_us([&](int, cudaStream_t s) { gather(s); }, st);
+    printf("T=%5d zero %.2f us | route %.2f us | offsets+gather %.2f us (%d blocks)\n", T, tz, tr,
+           tg, gblocks);
+    cudaFree(lg); cudaFree(w); cudaFree(tid); cudaFree(sl); cudaFree(ro); cudaFree(dst);
   }
   // Combine: y [T*K, W] rows, row_of a permutation.
   for (int T : {1, 8, 64, 128, 256, 8192}) {

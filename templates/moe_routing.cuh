@@ -30,9 +30,10 @@ inline int check_launch(const char* what, cudaError_t e = cudaGetLastError()) {
 
 constexpr int kWarp = 32;
 constexpr int kRouteWarps = 4;
-constexpr int kMaxExperts = 4096;  // the offsets kernel scans counts with one block
-constexpr int kScanThreads = 1024;
+constexpr int kMaxExperts = 4096;  // the offsets scan the counts within one block
+constexpr int kZeroThreads = 1024;
 constexpr int kMaxGroups = 128;    // n_group bound of the grouped top-k
+constexpr int kListMax = 2 * kWarp;  // the register top-k's top_k bound
 
 struct RouteArgs {
   const float* logits;   // [T, ld]: column hi_col + e holds the router's high part for expert e
@@ -52,7 +53,7 @@ struct RouteArgs {
 // Clears the per-expert counts before the routing kernel's atomics. A kernel rather than
 // cudaMemsetAsync: in a CUDA graph the memset node cost ~1.3 us plus ~6 us of gaps around it
 // before the next kernel node (H200, T = 2048), where one kernel follows another after ~0.3 us.
-__global__ void __launch_bounds__(kScanThreads) zero_kernel(int32_t* p, int n) {
+__global__ void __launch_bounds__(kZeroThreads) zero_kernel(int32_t* p, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = 0;
 }
 
@@ -104,7 +105,7 @@ __device__ void score_token(const RouteArgs& a, int t, int lane, float* score, f
 
 // DeepSeek-V3 grouped top-k: keep the topk_group groups whose score (sum of the two highest
 // biased values for sigmoid, the maximum for softmax) is largest; mask the rest to -inf.
-// gscore and kept: the warp's scratch, kMaxGroups entries each.
+// gscore and kept: the warp's scratch, n_group (<= kMaxGroups) entries each.
 __device__ void mask_groups(const RouteArgs& a, int lane, float* choice, float* gscore,
                             int* kept) {
   if (a.n_group <= 1) return;
@@ -172,51 +173,93 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel(RouteArgs a) 
   }
 }
 
-// Register-resident variant for E <= 32 * PerLane: lane l holds experts l, l + 32, ...; each
-// top-k round is a lane-local tree argmax plus two single-instruction warp reductions
-// (redux.sync), instead of shared-memory scans and shuffle trees. A decode step routes one
-// token, so this round latency is the kernel's whole time.
+// Register-resident variant for E <= 32 * PerLane: lane l holds experts l, l + 32, ... as
+// order-preserving keys, and the top_k are found by a bisection on the keys' bits (one warp-wide
+// count per bit, 32 in all) rather than top_k argmax rounds. At 512 experts and top-22 on an
+// H200: route kernel 68 -> 47 us at T = 8192, 19.9 -> 18.0 at 2048, 13.7 -> 10.4 at 16 (one
+// warp's share), but 6.3 -> 7.2 us at T = 2 to 4, where one round's latency is all there is.
 __device__ inline unsigned ordered_key(float v) {
   unsigned u = __float_as_uint(v);
   // Order-preserving map of floats to unsigned; 0 is kept for padding (below -inf).
   return ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) | 1u;
 }
 
-// One token's picks, pick j held by lane j % 32 (top_k <= 64), and their output: ids, weights
-// (renormalised over the picks, then scaled) and each pair's slot, its atomicAdd on counts.
-struct TokenPicks {
-  int id[2] = {0, 0};
-  float w[2] = {0.f, 0.f};
-  float sum = 0.f;  // every lane's: the picked scores
-
-  __device__ void add(int j, int lane, unsigned e, float s) {
-    sum += s;
-    if (lane == j % kWarp) {
-      if (j < kWarp) id[0] = int(e), w[0] = s;
-      else id[1] = int(e), w[1] = s;
-    }
-  }
-
-  __device__ void write(const RouteArgs& a, int t, int lane, int32_t* counts) const {
-    float norm = (a.renormalize ? 1.f / (sum + 1e-20f) : 1.f) * a.scale;
+// The largest t with count(key >= t) >= k over the warp's keys: the k-th largest key. (Two bits
+// per round, three counts each, halve the dependent rounds but not the work: measured 3% faster
+// at T = 2 and 2048, 7-20% slower at T = 8, 16 and 8192.)
+template <int PerLane>
+__device__ inline unsigned warp_kth_key(const unsigned (&key)[PerLane], int k) {
+  unsigned kth = 0;
+  for (int b = 31; b >= 0; --b) {
+    const unsigned probe = kth | (1u << b);
+    unsigned n = 0;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      int j = lane + q * kWarp;
-      if (j < a.top_k) {
-        a.topk_ids[t * a.top_k + j] = id[q];
-        a.topk_weights[t * a.top_k + j] = w[q] * norm;
-        a.slot[t * a.top_k + j] = atomicAdd(counts + id[q], 1);
-      }
-    }
+    for (int r = 0; r < PerLane; ++r) n += key[r] >= probe;
+    if (int(__reduce_add_sync(0xffffffffu, n)) >= k) kth = probe;
   }
+  return kth;
+}
+
+// A token's picks, in any order, in shared memory: key, expert and (unbiased) score each.
+struct PickList {
+  unsigned* key;
+  int32_t* expert;
+  float* score;
 };
 
-// Token t, one warp. buf (E floats), gscore and kept (kMaxGroups each): the warp's scratch for
-// the grouped top-k, unused without groups. counts: global or shared, the pair's slot is its
-// atomicAdd there.
+// Writes token t's top_k picks from `list` through one warp, ranked by key descending and expert
+// ascending (the order of a stable sort): ids, weights (renormalised over the picks, then
+// scaled) and each pair's slot, its atomicAdd on counts (global or shared).
+__device__ inline void write_ranked(const RouteArgs& a, int t, int lane, const PickList& list,
+                                    int32_t* counts) {
+  const int k = a.top_k;  // <= 2 * kWarp
+  unsigned key[2];
+  int e[2], rank[2] = {0, 0};
+  float s[2];
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int j = lane + q * kWarp;
+    const bool mine = j < k;
+    key[q] = mine ? list.key[j] : 0u;
+    e[q] = mine ? list.expert[j] : 0;
+    s[q] = mine ? list.score[j] : 0.f;
+  }
+  for (int i = 0; i < k; ++i) {  // shared-memory broadcasts
+    const unsigned ki = list.key[i];
+    const int ei = list.expert[i];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) rank[q] += ki > key[q] || (ki == key[q] && ei < e[q]);
+  }
+  // The scores summed in rank order, whatever order the list came in: the weights are
+  // deterministic and equal on every path.
+  __syncwarp();
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+    if (lane + q * kWarp < k) list.score[rank[q]] = s[q];
+  __syncwarp();
+  float ranked = 0.f;
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+    if (lane + q * kWarp < k) ranked += list.score[lane + q * kWarp];
+  const float norm = (a.renormalize ? 1.f / (warp_sum(ranked) + 1e-20f) : 1.f) * a.scale;
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    if (lane + q * kWarp < k) {
+      const int out = t * k + rank[q];
+      a.topk_ids[out] = e[q];
+      a.topk_weights[out] = s[q] * norm;
+      a.slot[out] = atomicAdd(counts + e[q], 1);
+    }
+  }
+}
+
+// Token t, one warp. buf (E floats), gscore and kept (n_group each): the warp's scratch for
+// the grouped top-k, unused without groups; list: the warp's kListMax-entry pick list. counts:
+// global or shared, the pair's slot is its atomicAdd there. An expert is picked at most once;
+// ties at the k-th key go to the lowest experts.
 template <int PerLane>
 __device__ void route_token_regs(const RouteArgs& a, int t, int lane, float* buf, float* gscore,
-                                 int* kept, int32_t* counts) {
+                                 int* kept, const PickList& list, int32_t* counts) {
   float score[PerLane], choice[PerLane];
   float mx = -INFINITY;
 #pragma unroll
@@ -255,32 +298,29 @@ __device__ void route_token_regs(const RouteArgs& a, int t, int lane, float* buf
 #pragma unroll
   for (int r = 0; r < PerLane; ++r)
     key[r] = lane + r * kWarp < a.experts ? ordered_key(choice[r]) : 0u;
-  const unsigned taken = ordered_key(-INFINITY);  // a picked expert ranks with the masked ones
-  TokenPicks picks;
-  for (int j = 0; j < a.top_k; ++j) {
-    // Tree argmax over the lane's keys, lowest slot on ties (log2(PerLane) dependent steps
-    // where a running maximum takes PerLane).
-    unsigned tk[PerLane];
-    int tr[PerLane];
+  const unsigned kth = warp_kth_key(key, a.top_k);
+  unsigned above = 0;
 #pragma unroll
-    for (int r = 0; r < PerLane; ++r) tk[r] = key[r], tr[r] = r;
+  for (int r = 0; r < PerLane; ++r) above += key[r] > kth;
+  // Picks at the k-th key, lowest experts first: expert lane + 32 r comes before every expert of
+  // a later r and the lower lanes of its own.
+  int ties = a.top_k - int(__reduce_add_sync(0xffffffffu, above));
+  const unsigned lower = (1u << lane) - 1u;
+  int filled = 0;
 #pragma unroll
-    for (int w = 1; w < PerLane; w *= 2)
-#pragma unroll
-      for (int r = 0; r + w < PerLane; r += 2 * w)
-        if (tk[r + w] > tk[r] || (tk[r + w] == tk[r] && tr[r + w] < tr[r]))
-          tk[r] = tk[r + w], tr[r] = tr[r + w];
-    unsigned best = __reduce_max_sync(0xffffffffu, tk[0]);
-    unsigned e = __reduce_min_sync(0xffffffffu, tk[0] == best ? unsigned(tr[0] * kWarp + lane)
-                                                               : 0xffffffffu);
-    float s_here = 0.f;
-#pragma unroll
-    for (int r = 0; r < PerLane; ++r) {
-      if (unsigned(r * kWarp + lane) == e) s_here = score[r], key[r] = taken;
+  for (int r = 0; r < PerLane; ++r) {
+    const unsigned at_kth = __ballot_sync(0xffffffffu, key[r] == kth);
+    const bool pick = key[r] > kth || (key[r] == kth && __popc(at_kth & lower) < ties);
+    ties -= __popc(at_kth);
+    const unsigned picks = __ballot_sync(0xffffffffu, pick);
+    if (pick) {
+      const int at = filled + __popc(picks & lower);
+      list.key[at] = key[r], list.expert[at] = lane + r * kWarp, list.score[at] = score[r];
     }
-    picks.add(j, lane, e, __shfl_sync(0xffffffffu, s_here, e % kWarp));
+    filled += __popc(picks);
   }
-  picks.write(a, t, lane, counts);
+  __syncwarp();
+  write_ranked(a, t, lane, list, counts);
 }
 
 template <int PerLane>
@@ -288,11 +328,14 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArg
   extern __shared__ float smem[];
   __shared__ float gscore[kRouteWarps][kMaxGroups];
   __shared__ int kept[kRouteWarps][kMaxGroups];
+  __shared__ unsigned list_key[kRouteWarps][kListMax];
+  __shared__ int32_t list_e[kRouteWarps][kListMax];
+  __shared__ float list_score[kRouteWarps][kListMax];
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   int t = blockIdx.x * kRouteWarps + warp;
   if (t >= a.tokens) return;
   route_token_regs<PerLane>(a, t, lane, smem + warp * a.experts, gscore[warp], kept[warp],
-                            a.counts);
+                            PickList{list_key[warp], list_e[warp], list_score[warp]}, a.counts);
 }
 
 struct OffsetArgs {
@@ -309,45 +352,47 @@ struct OffsetArgs {
 };
 
 // Starts, shapes and pointer arrays of both grouped GEMMs from the per-expert counts (global or
-// shared memory), one block of Threads threads with Items experts each. start_copy: a second
-// destination of the starts (shared memory of the fused small-T kernel), or null.
-template <int Threads, int Items>
-__device__ void write_offsets(const OffsetArgs& a, const int32_t* counts, int32_t* start_copy) {
+// shared memory), one block of Threads threads, each over a contiguous chunk of experts (read
+// twice rather than held in per-thread arrays: no registers scale with the expert count).
+// start_copy: a second destination of the starts (shared memory), or null; with to_global
+// false the block only fills start_copy.
+template <int Threads>
+__device__ void write_offsets(const OffsetArgs& a, const int32_t* counts, int32_t* start_copy,
+                              bool to_global = true) {
   using Scan = cub::BlockScan<int, Threads>;
   __shared__ typename Scan::TempStorage tmp;
-  int count[Items], active[Items], first[Items], group[Items];
-  for (int i = 0; i < Items; ++i) {
-    int e = threadIdx.x * Items + i;
-    count[i] = e < a.experts ? counts[e] : 0;
-    active[i] = count[i] > 0;
+  const int chunk = (a.experts + Threads - 1) / Threads;
+  const int lo = min(a.experts, int(threadIdx.x) * chunk), hi = min(a.experts, lo + chunk);
+  int rows = 0, active = 0;
+  for (int e = lo; e < hi; ++e) {
+    const int c = counts[e];
+    rows += c, active += c > 0;
   }
-  Scan(tmp).ExclusiveSum(count, first);
+  int first, group, n_active;
+  Scan(tmp).ExclusiveSum(rows, first);
   __syncthreads();
-  int n_active = 0;
   Scan(tmp).ExclusiveSum(active, group, n_active);
-  int64_t es = a.elem_bytes;
-  for (int i = 0; i < Items; ++i) {
-    int e = threadIdx.x * Items + i;
-    if (e >= a.experts) break;
-    a.start[e] = first[i];
-    if (start_copy) start_copy[e] = first[i];
-    // Active experts take groups 0..n_active-1; the empty ones fill the tail with M = 0, so
-    // the tile scheduler meets every real group before any empty one.
-    int g = active[i] ? group[i] : n_active + (e - group[i]);
-    int64_t row = first[i];
-    a.mnk1[3 * g] = count[i], a.mnk1[3 * g + 1] = a.up_rows, a.mnk1[3 * g + 2] = a.width;
-    a.ptrs1[g] = a.a1 + row * a.width * es;
-    a.ptrs1[a.experts + g] = a.w_up + int64_t(e) * a.up_rows * a.width * es;
-    a.ptrs1[2 * a.experts + g] = a.h1 + row * a.up_rows * es;
-    a.mnk2[3 * g] = count[i], a.mnk2[3 * g + 1] = a.width, a.mnk2[3 * g + 2] = a.inter;
-    a.ptrs2[g] = a.h2 + row * a.inter * es;
-    a.ptrs2[a.experts + g] = a.w_down + int64_t(e) * a.width * a.inter * es;
-    a.ptrs2[2 * a.experts + g] = a.y2 + row * a.width * es;
+  const int64_t es = a.elem_bytes;
+  for (int e = lo; e < hi; ++e) {
+    const int c = counts[e];
+    if (start_copy) start_copy[e] = first;
+    if (to_global) {
+      a.start[e] = first;
+      // Active experts take groups 0..n_active-1; the empty ones fill the tail with M = 0, so
+      // the tile scheduler meets every real group before any empty one.
+      const int g = c > 0 ? group : n_active + (e - group);
+      const int64_t row = first;
+      a.mnk1[3 * g] = c, a.mnk1[3 * g + 1] = a.up_rows, a.mnk1[3 * g + 2] = a.width;
+      a.ptrs1[g] = a.a1 + row * a.width * es;
+      a.ptrs1[a.experts + g] = a.w_up + int64_t(e) * a.up_rows * a.width * es;
+      a.ptrs1[2 * a.experts + g] = a.h1 + row * a.up_rows * es;
+      a.mnk2[3 * g] = c, a.mnk2[3 * g + 1] = a.width, a.mnk2[3 * g + 2] = a.inter;
+      a.ptrs2[g] = a.h2 + row * a.inter * es;
+      a.ptrs2[a.experts + g] = a.w_down + int64_t(e) * a.width * a.inter * es;
+      a.ptrs2[2 * a.experts + g] = a.y2 + row * a.width * es;
+    }
+    first += c, group += c > 0;
   }
-}
-
-__global__ void __launch_bounds__(kScanThreads) offsets_kernel(OffsetArgs a) {
-  write_offsets<kScanThreads, kMaxExperts / kScanThreads>(a, a.counts, nullptr);
 }
 
 template <class To, class From>
@@ -390,35 +435,45 @@ __device__ inline void gather_pair(const Src* __restrict__ src, int64_t ld_src, 
   }
 }
 
+// The offsets and the gather of many tokens in one launch. Every block scans the counts into
+// its own shared-memory starts (E words of dynamic shared memory; the same few hundred
+// nanoseconds in every block), block 0 also writes the starts and both grouped GEMMs' shapes
+// and pointer arrays; then the block's warps take pairs in a grid-stride loop. A separate
+// one-block offsets kernel cost 6.2 us and its launch gap 0.4 us at T = 2048 (H200).
+constexpr int kGatherThreads = 256;
+
 template <class Element, class Src>
-__global__ void gather_kernel(const Src* __restrict__ src, int64_t ld_src, int tokens, int top_k,
-                              int width, const int32_t* __restrict__ topk_ids,
-                              const int32_t* __restrict__ slot, const int32_t* __restrict__ start,
-                              Element* __restrict__ dst, int32_t* __restrict__ row_of) {
-  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp, lane = threadIdx.x % kWarp;
-  if (warp >= tokens * top_k) return;
-  gather_pair(src, ld_src, top_k, width, warp, start[topk_ids[warp]] + slot[warp], lane, dst,
-              row_of);
+__global__ void __launch_bounds__(kGatherThreads)
+offsets_gather_kernel(OffsetArgs o, int tokens, int top_k, const int32_t* __restrict__ topk_ids,
+                      const int32_t* __restrict__ slot, const Src* __restrict__ src,
+                      int64_t ld_src, Element* __restrict__ dst, int32_t* __restrict__ row_of) {
+  extern __shared__ int32_t start[];
+  write_offsets<kGatherThreads>(o, o.counts, start, blockIdx.x == 0);
+  __syncthreads();
+  constexpr int kWarps = kGatherThreads / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  for (int p = blockIdx.x * kWarps + threadIdx.x / kWarp; p < tokens * top_k;
+       p += gridDim.x * kWarps)
+    gather_pair(src, ld_src, top_k, o.width, p, start[topk_ids[p]] + slot[p], lane, dst, row_of);
 }
 
 // Decode: route, count, offsets and gather of up to kSmallWarps tokens in one block, one launch
-// instead of four (a memset and three kernels). At one token these launches, not their work,
-// were most of the routing time. Counts and starts live in shared memory.
+// instead of three (the zero, route and offsets+gather kernels). At one token the launches, not
+// their work, were most of the routing time. Counts and starts live in shared memory.
 constexpr int kSmallWarps = 16;
 constexpr int kSmallThreads = kSmallWarps * kWarp;
 constexpr int kSmallExperts = 1024;  // the register top-k's bound
 constexpr int kPerThread = kSmallExperts / kSmallThreads;
-constexpr int kListMax = 2 * kWarp;  // the register top-k's top_k bound
 // Dynamic shared memory of the one-launch path without an opt-in: 48 KB less the kernel's own
 // static shared memory (block scan and reduction scratch, ~2.3 KB).
 constexpr size_t kSmallSmemLimit = 44 * 1024;
 
-// Dynamic shared memory, in 4-byte words: counts, starts and scores [E] each, the one-token
-// path's per-warp candidate lists (key and expert, kListMax each), and per warp E + 2 *
-// kMaxGroups words of grouped top-k scratch when n_group > 1.
+// Dynamic shared memory, in 4-byte words: counts and starts [E] each, the per-warp pick lists
+// (key, expert and score, kListMax each), and per warp E + 2 * n_group words of grouped top-k
+// scratch when n_group > 1.
 inline size_t small_smem(int experts, int n_group) {
-  size_t per_warp = n_group > 1 ? size_t(experts) + 2 * kMaxGroups : 0;
-  return sizeof(int32_t) * (3 * size_t(experts) + kSmallWarps * (2 * kListMax + per_warp));
+  size_t per_warp = n_group > 1 ? size_t(experts) + 2 * size_t(n_group) : 0;
+  return sizeof(int32_t) * (2 * size_t(experts) + kSmallWarps * (3 * kListMax + per_warp));
 }
 
 __device__ inline float block_reduce(float v, bool max, float* scratch) {
@@ -431,24 +486,26 @@ __device__ inline float block_reduce(float v, bool max, float* scratch) {
   return v;
 }
 
-// Token 0 with the whole block (decode at T = 1). route_token_regs spends top_k dependent rounds
-// of one warp over all E experts; here each warp ranks its own experts (kPerThread per lane) in
-// top_k rounds, all warps at once, and warp 0 merges the kSmallWarps sorted lists in top_k
-// rounds. Same experts, order and weights as route_token_regs, except that no expert is picked
-// twice when fewer than top_k have a finite score. score: [E]; list_key, list_e: [kSmallWarps,
-// kListMax]; buf, gscore, kept: the grouped top-k scratch; counts: shared, zeroed.
-__device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned* list_key,
-                                      int32_t* list_e, float* buf, float* gscore, int* kept,
-                                      int32_t* counts) {
+// Token 0 with the whole block (decode at T = 1): route_token_regs's bisection with a block-wide
+// count per bit (one barrier-reduction each), the picks gathered into `list` and ranked and
+// written by warp 0. Same experts, order and weights as route_token_regs. buf, gscore, kept: the
+// grouped top-k scratch; list: kListMax entries; counts: shared, zeroed.
+__device__ void route_one_token_block(const RouteArgs& a, float* buf, float* gscore, int* kept,
+                                      const PickList& list, int32_t* counts) {
   __shared__ float scratch[kSmallWarps];
+  __shared__ int ties_of[kPerThread * kSmallWarps];  // keys at the k-th, per (row, warp)
+  __shared__ int filled;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  float l[kPerThread];
+  // Expert threadIdx.x + p * kSmallThreads is the thread's item p; rows past the experts are
+  // skipped block-uniformly.
+  const int rows = (a.experts + kSmallThreads - 1) / kSmallThreads;
+  float score[kPerThread];
   float mx = -INFINITY;
 #pragma unroll
   for (int p = 0; p < kPerThread; ++p) {
     int e = threadIdx.x + p * kSmallThreads;
-    l[p] = e < a.experts ? logit(a, 0, e) : -INFINITY;
-    mx = fmaxf(mx, l[p]);
+    score[p] = e < a.experts ? logit(a, 0, e) : -INFINITY;
+    mx = fmaxf(mx, score[p]);
   }
   float sum = 1.f;
   if (a.softmax) {
@@ -456,7 +513,7 @@ __device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned
     float part = 0.f;
 #pragma unroll
     for (int p = 0; p < kPerThread; ++p)
-      part += threadIdx.x + p * kSmallThreads < a.experts ? __expf(l[p] - mx) : 0.f;
+      part += threadIdx.x + p * kSmallThreads < a.experts ? __expf(score[p] - mx) : 0.f;
     sum = block_reduce(part, false, scratch);
   }
   float choice[kPerThread];
@@ -465,9 +522,9 @@ __device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned
     int e = threadIdx.x + p * kSmallThreads;
     choice[p] = -INFINITY;
     if (e < a.experts) {
-      float s = a.softmax ? __expf(l[p] - mx) / sum : 1.f / (1.f + __expf(-l[p]));
-      float c = s + (a.bias ? a.bias[e] : 0.f);
-      score[e] = s;
+      float l = score[p];
+      score[p] = a.softmax ? __expf(l - mx) / sum : 1.f / (1.f + __expf(-l));
+      float c = score[p] + (a.bias ? a.bias[e] : 0.f);
       choice[p] = c != c ? -INFINITY : c;  // NaN never wins
       if (a.n_group > 1) buf[e] = choice[p];
     }
@@ -478,43 +535,51 @@ __device__ void route_one_token_block(const RouteArgs& a, float* score, unsigned
     __syncthreads();
 #pragma unroll
     for (int p = 0; p < kPerThread; ++p)
-      if (threadIdx.x + p * kSmallThreads < a.experts) choice[p] = buf[threadIdx.x + p * kSmallThreads];
+      if (threadIdx.x + p * kSmallThreads < a.experts)
+        choice[p] = buf[threadIdx.x + p * kSmallThreads];
   }
-  // Each warp's experts in (choice desc, expert asc) order; 0 ranks below every expert.
   unsigned key[kPerThread];
 #pragma unroll
   for (int p = 0; p < kPerThread; ++p)
     key[p] = threadIdx.x + p * kSmallThreads < a.experts ? ordered_key(choice[p]) : 0u;
-  const int rounds = min(a.top_k, kWarp * kPerThread);
-  for (int j = 0; j < rounds; ++j) {
-    unsigned kb = key[0];
-    int pb = 0;  // the lane's best; its lower expert on ties
-#pragma unroll
-    for (int p = 1; p < kPerThread; ++p)
-      if (key[p] > kb) kb = key[p], pb = p;
-    unsigned best = __reduce_max_sync(0xffffffffu, kb);
-    unsigned e = __reduce_min_sync(
-        0xffffffffu, kb == best ? unsigned(threadIdx.x + pb * kSmallThreads) : 0xffffffffu);
+  if (threadIdx.x == 0) filled = 0;  // ordered before its use by the barriers below
+  auto count = [&](unsigned at_least) {
+    int n = 0;
 #pragma unroll
     for (int p = 0; p < kPerThread; ++p)
-      if (unsigned(threadIdx.x + p * kSmallThreads) == e) key[p] = 0u;
-    if (lane == 0) list_key[warp * kListMax + j] = best, list_e[warp * kListMax + j] = int(e);
+      if (p < rows) n += __syncthreads_count(key[p] >= at_least);
+    return n;
+  };
+  unsigned kth = 0;
+  for (int b = 31; b >= 0; --b) {
+    const unsigned probe = kth | (1u << b);
+    if (count(probe) >= a.top_k) kth = probe;
+  }
+  int ties = a.top_k - (kth == ~0u ? 0 : count(kth + 1));  // picks at the k-th key
+  const unsigned lower = (1u << lane) - 1u;
+  unsigned at_kth[kPerThread];
+#pragma unroll
+  for (int p = 0; p < kPerThread; ++p) {
+    at_kth[p] = __ballot_sync(0xffffffffu, key[p] == kth);
+    if (lane == 0) ties_of[p * kSmallWarps + warp] = __popc(at_kth[p]);
   }
   __syncthreads();
-  if (warp != 0) return;
-  // Merge: lane w < kSmallWarps holds the head of warp w's list.
-  int head = 0;
-  TokenPicks picks;
-  for (int j = 0; j < a.top_k; ++j) {
-    const bool live = lane < kSmallWarps && head < rounds;
-    const unsigned hk = live ? list_key[lane * kListMax + head] : 0u;
-    const unsigned he = live ? unsigned(list_e[lane * kListMax + head]) : 0xffffffffu;
-    unsigned best = __reduce_max_sync(0xffffffffu, hk);
-    unsigned e = __reduce_min_sync(0xffffffffu, hk == best ? he : 0xffffffffu);
-    if (he == e) ++head;
-    picks.add(j, lane, e, score[e]);
+#pragma unroll
+  for (int p = 0; p < kPerThread; ++p) {
+    bool pick = key[p] > kth;
+    if (key[p] == kth) {  // lowest experts first: earlier rows, then earlier warps and lanes
+      int before = __popc(at_kth[p] & lower);
+      for (int i = 0; i < p * kSmallWarps + warp; ++i) before += ties_of[i];
+      pick = before < ties;
+    }
+    if (pick) {
+      const int at = atomicAdd(&filled, 1);  // any order: write_ranked ranks them
+      list.key[at] = key[p], list.expert[at] = threadIdx.x + p * kSmallThreads;
+      list.score[at] = score[p];
+    }
   }
-  picks.write(a, 0, lane, counts);
+  __syncthreads();
+  if (warp == 0) write_ranked(a, 0, lane, list, counts);
 }
 
 template <int PerLane, class Element, class Src>
@@ -524,24 +589,26 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
   extern __shared__ int32_t smem_words[];
   int32_t* counts = smem_words;
   int32_t* start = counts + r.experts;
-  float* score = reinterpret_cast<float*>(start + r.experts);
-  unsigned* list_key = reinterpret_cast<unsigned*>(score + r.experts);
+  unsigned* list_key = reinterpret_cast<unsigned*>(start + r.experts);
   int32_t* list_e = reinterpret_cast<int32_t*>(list_key + kSmallWarps * kListMax);
-  float* group_scratch = reinterpret_cast<float*>(list_e + kSmallWarps * kListMax);
+  float* list_score = reinterpret_cast<float*>(list_e + kSmallWarps * kListMax);
+  float* group_scratch = list_score + kSmallWarps * kListMax;
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int e = threadIdx.x; e < r.experts; e += kSmallThreads) counts[e] = 0;
   __syncthreads();
   if (r.tokens == 1) {
-    route_one_token_block(r, score, list_key, list_e, group_scratch,
-                          group_scratch + r.experts,
-                          reinterpret_cast<int*>(group_scratch + r.experts + kMaxGroups), counts);
+    route_one_token_block(r, group_scratch, group_scratch + r.experts,
+                          reinterpret_cast<int*>(group_scratch + r.experts + r.n_group),
+                          PickList{list_key, list_e, list_score}, counts);
   } else if (warp < r.tokens) {
-    float* buf = group_scratch + warp * (r.experts + 2 * kMaxGroups);
+    float* buf = group_scratch + warp * (r.experts + 2 * r.n_group);
+    const int at = warp * kListMax;
     route_token_regs<PerLane>(r, warp, lane, buf, buf + r.experts,
-                              reinterpret_cast<int*>(buf + r.experts + kMaxGroups), counts);
+                              reinterpret_cast<int*>(buf + r.experts + r.n_group),
+                              PickList{list_key + at, list_e + at, list_score + at}, counts);
   }
   __syncthreads();  // counts final; topk_ids and slot (global) visible to the whole block
-  write_offsets<kSmallThreads, kSmallExperts / kSmallThreads>(o, counts, start);
+  write_offsets<kSmallThreads>(o, counts, start);
   __syncthreads();
   for (int p = warp; p < r.tokens * r.top_k; p += kSmallWarps)
     gather_pair(src, ld_src, r.top_k, o.width, p, start[r.topk_ids[p]] + r.slot[p], lane, dst,

@@ -130,14 +130,14 @@ def test_skewed_routing_matches_oracle(tokens):
 @pytest.mark.parametrize("tokens", [16, 17])
 def test_routing_launch_boundary(tokens):
     """Up to 16 tokens the routing, offsets and gather are one single-block kernel; beyond,
-    four launches."""
+    three launches (zero, route, offsets with the gather)."""
     check(SUPER, tokens)
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_grouped_topk_in_single_block_routing(tokens):
     # 256 experts keep the grouped top-k's per-warp scratch within the single block's shared
-    # memory (Super's 512 take the four-launch path, test_grouped_topk_matches_oracle).
+    # memory (Super's 512 take the multi-launch path, test_grouped_topk_matches_oracle).
     check(SUPER.with_(num_experts=256, n_group=8, topk_group=4, top_k=8), tokens)
 
 
