@@ -51,7 +51,7 @@ def _tune_parser() -> argparse.ArgumentParser:
                    "midpoints)")
     t.add_argument("--trials", type=int, default=None, help="trials per study")
     t.add_argument("--max-configs", type=int, default=None,
-                   help="candidate configs per epilogue kind, compiled once (default 12)")
+                   help="candidate configs per epilogue kind, compiled once (default 14)")
     t.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     t.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     t.add_argument("--storage", help="optuna storage URL shared by workers (default: a journal "

@@ -106,13 +106,20 @@ __all__ = [
 
 log = logging.getLogger("autotune")
 
-# Sized for the 10-minute cold run on one H200 host: 12 tensor-core candidates per epilogue kind
-# (36 sm90a compiles, about 130 s on 16 cores; the gemv kernels take seconds; the multicast
-# variants of 5 of them add 15) and trials enough for a brute-force study to time every
-# candidate, the four gemv kernels (beyond the cap) included: the Super preset's 28 buckets then
-# take about 260 s of trials on the H200, the refinements (tile orders, multicast) included.
-DEFAULT_MAX_CONFIGS = 12
-DEFAULT_TRIALS = 16
+# Sized for the 10-minute cold run on one H200 host: 14 tensor-core candidates per epilogue kind
+# (42 sm90a compiles; 36 took about 130 s on 16 cores; the gemv kernels take seconds; the
+# multicast variants of 7 of them add 21) and trials enough for a brute-force study to time
+# every candidate, the four gemv kernels (beyond the cap) included. With 12 candidates and 16
+# trials the Super preset's 28 buckets took about 260 s of trials on the H200, the refinements
+# (tile orders, multicast) included.
+DEFAULT_MAX_CONFIGS = 14
+DEFAULT_TRIALS = 18
+# Wide ping-pong tiles, candidates ahead of the diverse order (whose families sort cooperative
+# first, so a cap of 12 never reached them): a consumer warpgroup's epilogue overlaps the
+# other's mainloop, which the up projection needs at prefill (relu2 and 2688-wide output rows
+# against K = 1024): 13-20% faster than 128x256 cooperative at T = 3072..16384 on an H200
+# (benchmarks/NOTES.md v11).
+_PREFILL_PINGPONG = ((128, 192, 64), (64, 256, 64))
 # Up to this many points an exhaustive search costs no more than TPE's start-up phase.
 BRUTE_FORCE_MAX = 64
 TOLERANCE = 1e-2
@@ -392,6 +399,10 @@ def select_candidates(problem: LatentMoEProblem, arch: str = "sm90",
         limit = None
     else:
         pool = [c for c in default_configs(arch, dtype) if invalid_reason(c, problem) is None]
+        if arch == "sm90":
+            pool += [c for c in (KernelConfig(m, n, k, 1, 1, "pingpong", False, "identity",
+                                              dtype, arch) for m, n, k in _PREFILL_PINGPONG)
+                     if invalid_reason(c, problem) is None]
         pool += _diverse_order([c for c in space if not is_gemv(c)])
         limit = max_configs
     out: dict[str, KernelConfig] = {c.name: c for c in musts}

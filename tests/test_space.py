@@ -252,7 +252,7 @@ def test_sm90_space_is_unchanged_by_sm100():
 
 
 def test_sm100_stage_defaults_are_valid_tuning_candidates():
-    from autotune.tune import select_candidates
+    from autotune.tune import DEFAULT_MAX_CONFIGS, select_candidates
     from autotune.workload import default_config, default_tier_configs, stages_of
 
     for problem in PRESETS.values():
@@ -264,7 +264,8 @@ def test_sm100_stage_defaults_are_valid_tuning_candidates():
     assert default_config(sup, "up", 8192, "sm100").name == "sm100_bf16_256x256x64_c2x1_2sm_relu2"
     assert default_config(sup, "fc1", 1, "sm100").name == "sm100_bf16_64x16x128_c1x1_1sm_swapab_f32"
     cands = select_candidates(sup, "sm100")
-    assert len(cands) == 12 and all(valid(c, sup) and c.epilogue == "identity" for c in cands)
+    assert len(cands) == DEFAULT_MAX_CONFIGS
+    assert all(valid(c, sup) and c.epilogue == "identity" for c in cands)
 
 
 def test_config_from_dict_picks_the_class_by_arch():

@@ -362,6 +362,10 @@ def test_select_candidates_keeps_defaults_and_caps():
             assert default_config(PROBLEM, stage, t).with_epilogue("identity").name in names
     assert all(c.epilogue == "identity" and valid(c, PROBLEM) for c in cands)
     assert {c.swap_ab for c in cands} == {False, True}
+    # The wide ping-pong tiles come right after the default configs, under any cap that leaves
+    # room past them.
+    names = {c.name for c in select_candidates(PROBLEM, "sm90")}
+    assert {"sm90_bf16_128x192x64_c1x1_pp", "sm90_bf16_64x256x64_c1x1_pp"} <= names
     every = select_candidates(PROBLEM, "sm90", None)
     assert len(every) == len({c.name for c in every}) > 64
 
