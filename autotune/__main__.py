@@ -58,6 +58,11 @@ def _tune_parser() -> argparse.ArgumentParser:
                    "file in the cache)")
     t.add_argument("--worker", action="store_true", help="only pull trials of existing studies")
     t.add_argument("--cache-dir", help="cache root (sets AUTOTUNE_CACHE_DIR)")
+    t.add_argument("--candidates", metavar="NAME,...",
+                   help="tune over these configs (identity names, as --configs) instead of the "
+                   "capped default candidates; no multicast variants join")
+    t.add_argument("--stages", metavar="STAGE,...",
+                   help="tune only these stages (fc1, up, down, fc2); the table keeps the others")
     c = p.add_argument_group("compilation")
     c.add_argument("--compile-only", action="store_true", help="compile, do not time")
     c.add_argument("--compile-all", action="store_true",
@@ -144,6 +149,12 @@ def _compile(args, arch, problem) -> int:
     return 1 if failed else 0
 
 
+def _say_timing_needs_the_gpu(arch: str, present: str | None, done: str) -> None:
+    found = f"found {present}" if present else "no CUDA GPU found"
+    print(f"\nTiming needs an {arch} GPU ({ARCHS[arch].parts}); {found}. {done}; run the same "
+          f"command on an {arch} GPU to tune.")
+
+
 def tune_main(argv: list[str]) -> int:
     args = _tune_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else
@@ -157,14 +168,35 @@ def tune_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"problem: {problem.key}\narch: {arch} ({ARCHS[arch].parts})")
+    if args.candidates and (args.configs or args.compile_all or args.render_only):
+        print("error: --candidates names what to tune; it does not combine with --configs, "
+              "--compile-all or --render-only", file=sys.stderr)
+        return 2
+    if args.candidates:
+        from .space import search_space
+
+        known = {c.name for c in search_space(arch, problem)}
+        unknown = [n for n in args.candidates.split(",") if n not in known]
+        if unknown:
+            print(f"error: --candidates: unknown or invalid for this problem: "
+                  f"{', '.join(unknown)} (identity-epilogue names of the {arch} space, as "
+                  f"--render-only writes them)", file=sys.stderr)
+            return 2
     can_time = present == arch and not (args.compile_only or args.render_only)
+    if args.candidates and not can_time:
+        # Compile the candidates as the tuner would (each stage's epilogue kind), then stop.
+        args.compile_only = True
+        from .tune import main_from_args
+
+        code = main_from_args(args, problem, arch)
+        if present != arch:
+            _say_timing_needs_the_gpu(arch, present, "The candidates were compiled")
+        return code
     if not can_time or args.configs or args.compile_all:
         code = _compile(args, arch, problem)
         if present != arch:
-            found = f"found {present}" if present else "no CUDA GPU found"
             done = "generated (--render-only)" if args.render_only else "generated and compiled"
-            print(f"\nTiming needs an {arch} GPU ({ARCHS[arch].parts}); {found}. Sources were "
-                  f"{done}; run the same command on an {arch} GPU to tune.")
+            _say_timing_needs_the_gpu(arch, present, f"Sources were {done}")
         return code
     from .tune import main_from_args
 

@@ -1453,15 +1453,17 @@ def main_from_args(args: Any, problem: LatentMoEProblem, arch: str) -> int:
     """Run the tuning the parsed command line asks for; print the table, save the plot.
 
     Reads ``tokens``, ``trials``, ``time_budget``, ``jobs``, ``storage``, ``worker``,
-    ``cache_dir``, ``compile_only`` and (optional) ``configs`` from ``args``. Returns the exit
-    status: 0, 1 when no bucket found a working kernel (trials were asked for), 2 on bad
-    arguments, 130 when interrupted (the run resumes when repeated).
+    ``cache_dir``, ``compile_only`` and (optional) ``candidates`` and ``stages``, both
+    comma-separated, from ``args``. Returns the exit status: 0, 1 when no bucket found a working
+    kernel (trials were asked for), 2 on bad arguments, 130 when interrupted (the run resumes
+    when repeated).
     """
     root = Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else None
-    names = getattr(args, "configs", None)
+    names = getattr(args, "candidates", None)
+    stages = getattr(args, "stages", None)
     try:
         report = run_tuning(
-            problem, arch, None, parse_tokens(args.tokens),
+            problem, arch, stages.split(",") if stages else None, parse_tokens(args.tokens),
             DEFAULT_TRIALS if args.trials is None else args.trials, args.time_budget,
             args.jobs, args.storage, bool(args.worker), bool(args.compile_only),
             configs=names.split(",") if names else None, cache_dir=root,

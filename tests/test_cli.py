@@ -86,3 +86,39 @@ def test_on_a_gpu_of_the_arch_the_command_tunes(cache, capsys, monkeypatch, arch
     assert f"{arch}_bf16_" in out and "table:" in out
     (table,) = (cache / "cache" / "tuned").glob(f"*__{arch}__*.json")
     assert f'"arch": "{arch}"' in table.read_text()
+
+
+def test_candidates_and_stages_tune_only_those(cache, capsys, monkeypatch):
+    """`--candidates` tunes the named configs (with the stages' defaults), `--stages` only the
+    named stages; the table then holds those stages."""
+    import json
+
+    from test_tune import StandIn
+
+    import autotune.__main__ as cli
+    from autotune import tune
+
+    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm90")
+    monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
+    names = [KernelConfig(128, 192, 64, 1, 1, "pingpong").name,
+             KernelConfig(64, 256, 64, 1, 1, "pingpong").name]
+    assert main(["--arch", "sm90", *TINY, "--tokens", "4,256", "--trials", "3",
+                 "--candidates", ",".join(names), "--stages", "up,down"]) == 0
+    out = capsys.readouterr().out
+    assert "stage up" in out and "stage down" in out and "stage fc1" not in out
+    (table,) = (cache / "cache" / "tuned").glob("*__sm90__*.json")
+    assert set(json.loads(table.read_text())["stages"]) == {"up", "down"}
+
+
+def test_candidates_errors_name_the_argument(capsys, monkeypatch):
+    import autotune.__main__ as cli
+
+    monkeypatch.setattr(cli, "device_arch", lambda *a: "sm90")
+    name = KernelConfig(128, 64, 64, 1, 1, "cooperative").name
+    assert main(["--arch", "sm90", *TINY, "--candidates", name, "--configs", name]) == 2
+    assert "--candidates" in capsys.readouterr().err
+    assert main(["--arch", "sm90", *TINY, "--candidates", "sm90_bf16_1x1x1_c1x1_coop"]) == 2
+    err = capsys.readouterr().err
+    assert "--candidates" in err and "sm90_bf16_1x1x1_c1x1_coop" in err
+    assert main(["--arch", "sm90", *TINY, "--candidates", name, "--stages", "gate"]) == 2
+    assert "stages" in capsys.readouterr().err

@@ -922,7 +922,7 @@ def test_main_from_args_prints_table_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
     args = argparse.Namespace(tokens="2,32", trials=3, time_budget=None, jobs=None,
                               storage=None, worker=False, cache_dir=str(tmp_path / "c2"),
-                              compile_only=False, configs=None)
+                              compile_only=False, candidates=None)
     assert tune.main_from_args(args, PROBLEM, "sm90") == 0
     out = capsys.readouterr().out
     assert "stage up" in out and "table:" in out and "plot:" in out
@@ -937,7 +937,7 @@ def test_main_from_args_prepare_only_succeeds(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "GpuEvaluator", lambda *a, **k: StandIn())
     args = argparse.Namespace(tokens="2,32", trials=0, time_budget=None, jobs=None,
                               storage=None, worker=False, cache_dir=str(tmp_path / "c3"),
-                              compile_only=False, configs=None)
+                              compile_only=False, candidates=None)
     assert tune.main_from_args(args, PROBLEM, "sm90") == 0
 
 
