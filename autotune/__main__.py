@@ -93,17 +93,38 @@ def _resolve_arch(requested: str | None) -> tuple[str, str | None]:
     return name, present
 
 
+def _named_configs(flag: str, names: str, space: list) -> list:
+    """The configs of ``space`` that ``names`` (comma-separated) names; ``ValueError`` naming
+    ``flag`` and every unknown name otherwise."""
+    by_name = {c.name: c for c in space}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise ValueError(f"{flag}: unknown or invalid for this problem: {', '.join(unknown)} "
+                         f"(identity-epilogue names, as --render-only writes them)")
+    return [by_name[n] for n in names.split(",")]
+
+
+def _check_config_flags(args, arch, problem) -> None:
+    """``ValueError`` for a --configs or --candidates name outside ``arch``'s space for
+    ``problem``, or for --candidates with a flag that compiles something else."""
+    if args.candidates and (args.configs or args.compile_all or args.render_only):
+        raise ValueError("--candidates names what to tune; it does not combine with --configs, "
+                         "--compile-all or --render-only")
+    if args.configs or args.candidates:
+        from .space import search_space
+
+        space = search_space(arch, problem)
+        for flag, names in (("--configs", args.configs), ("--candidates", args.candidates)):
+            if names:
+                _named_configs(flag, names, space)
+
+
 def _selected_configs(args, arch, problem):
     from .space import KernelConfig, default_configs, invalid_reason, search_space
 
     space = search_space(arch, problem)
     if args.configs:
-        by_name = {c.name: c for c in space}
-        unknown = [n for n in args.configs.split(",") if n not in by_name]
-        if unknown:
-            raise ValueError(f"--configs: unknown or invalid for this problem: "
-                             f"{', '.join(unknown)}")
-        return space, [by_name[n] for n in args.configs.split(",")]
+        return space, _named_configs("--configs", args.configs, space)
     if args.compile_all:
         return space, space
     chosen: list[KernelConfig] = [c for c in default_configs(arch, space[0].dtype if space
@@ -164,24 +185,11 @@ def tune_main(argv: list[str]) -> int:
     try:
         arch, present = _resolve_arch(args.arch)
         problem = problem_from_args(args)
+        _check_config_flags(args, arch, problem)
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"problem: {problem.key}\narch: {arch} ({ARCHS[arch].parts})")
-    if args.candidates and (args.configs or args.compile_all or args.render_only):
-        print("error: --candidates names what to tune; it does not combine with --configs, "
-              "--compile-all or --render-only", file=sys.stderr)
-        return 2
-    if args.candidates:
-        from .space import search_space
-
-        known = {c.name for c in search_space(arch, problem)}
-        unknown = [n for n in args.candidates.split(",") if n not in known]
-        if unknown:
-            print(f"error: --candidates: unknown or invalid for this problem: "
-                  f"{', '.join(unknown)} (identity-epilogue names of the {arch} space, as "
-                  f"--render-only writes them)", file=sys.stderr)
-            return 2
     can_time = present == arch and not (args.compile_only or args.render_only)
     if args.candidates and not can_time:
         # Compile the candidates as the tuner would (each stage's epilogue kind), then stop.

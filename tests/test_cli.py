@@ -122,3 +122,7 @@ def test_candidates_errors_name_the_argument(capsys, monkeypatch):
     assert "--candidates" in err and "sm90_bf16_1x1x1_c1x1_coop" in err
     assert main(["--arch", "sm90", *TINY, "--candidates", name, "--stages", "gate"]) == 2
     assert "stages" in capsys.readouterr().err
+    # --configs shares the check (it raised a traceback before).
+    assert main(["--arch", "sm90", *TINY, "--configs", "sm90_bf16_1x1x1_c1x1_coop"]) == 2
+    err = capsys.readouterr().err
+    assert "--configs" in err and "sm90_bf16_1x1x1_c1x1_coop" in err
