@@ -17,7 +17,7 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 4. gather: each (token, j) pair's row of fc1's output, converted to bf16, at its sorted place.
    Steps 3 and 4 are one kernel (every block scans the counts itself); up to 16 tokens steps
    2-4 are one single-block kernel (decode: their launches, not their work, were most of the
-   routing time).
+   routing time; at one token it loads the token's row before the top-k, not after).
 5. grouped GEMM 1 with relu2 in its epilogue (SwiGLU: plain GEMM, then a SwiGLU kernel).
 6. grouped GEMM 2.
 7. combine: routing-weighted sum over the top-k in fp32, fixed order (deterministic).

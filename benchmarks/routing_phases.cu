@@ -93,7 +93,7 @@ int main() {
   for (int T : {1, 2, 4, 8, 16}) {
     R::RouteArgs r{logits, ld, 0, E, bias, T, E, K, 1, 1, 0, 1, 5.0f, ids, tw, counts, slot};
     R::OffsetArgs o{counts, E, start, mnk1, ptrs1, mnk2, ptrs2, addr(a1), addr(wup), addr(h1),
-                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2};
+                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2, 0};
     size_t smem = R::small_smem(E, 1);
     const float* src = logits + 2 * E;
     float real = graph_us([&](int, cudaStream_t s) {
@@ -122,7 +122,7 @@ int main() {
     CK(cudaMemcpy(lg, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice));
     R::RouteArgs r{lg, ld, 0, E, bias, T, E, K, 1, 1, 0, 1, 5.0f, tid, w, counts, sl};
     R::OffsetArgs o{counts, E, start, mnk1, ptrs1, mnk2, ptrs2, addr(dst), addr(wup), addr(h1),
-                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2};
+                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2, 0};
     const int blocks = (T + R::kRouteWarps - 1) / R::kRouteWarps;
     auto zero = [&](cudaStream_t s) { R::zero_kernel<<<1, R::kZeroThreads, 0, s>>>(counts, E); };
     auto route = [&](cudaStream_t s) {

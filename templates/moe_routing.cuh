@@ -349,6 +349,10 @@ struct OffsetArgs {
   int64_t* ptrs2;
   int64_t a1, w_up, h1, h2, w_down, y2;  // base addresses
   int width, up_rows, inter, elem_bytes;
+  // > 0 (one token, in one launch): the launch loads the token's input before the top-k and
+  // stores it into a1's rows 0..a1_copies-1 (top_k: the sorted rows, whatever the order)
+  // instead of gathering it pair by pair after the offsets.
+  int a1_copies;
 };
 
 // Starts, shapes and pointer arrays of both grouped GEMMs from the per-expert counts (global or
@@ -467,6 +471,9 @@ constexpr int kPerThread = kSmallExperts / kSmallThreads;
 // Dynamic shared memory of the one-launch path without an opt-in: 48 KB less the kernel's own
 // static shared memory (block scan and reduction scratch, ~2.3 KB).
 constexpr size_t kSmallSmemLimit = 44 * 1024;
+// Widest expert input a one-token launch loads up front (8 columns per thread) instead of
+// gathering it at the end.
+constexpr int kOneRowWidth = kSmallThreads * 8;
 
 // Dynamic shared memory, in 4-byte words: counts and starts [E] each, the per-warp pick lists
 // (key, expert and score, kListMax each), and per warp E + 2 * n_group words of grouped top-k
@@ -594,6 +601,16 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
   float* list_score = reinterpret_cast<float*>(list_e + kSmallWarps * kListMax);
   float* group_scratch = list_score + kSmallWarps * kListMax;
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  // One token (o.a1_copies > 0, width <= kOneRowWidth): the input row is loaded now, its
+  // latency hidden behind the top-k, by teams of width / 8 threads (8 columns each), and each
+  // team stores every teams-th copy after it. Gathering after the offsets cost a dependent
+  // load at the kernel's end; one shared row instead of copies made the up gemv slower (every
+  // SM reading the same few L2 lines: +1.2% on the Ultra layer).
+  const int chunks = max(1, o.width / 8), teams = kSmallThreads / chunks;
+  const int col = threadIdx.x % chunks * 8, team = threadIdx.x / chunks;
+  const bool one_token = o.a1_copies > 0 && team < teams;
+  float row[8];
+  if (one_token) load8(src + col, row);
   for (int e = threadIdx.x; e < r.experts; e += kSmallThreads) counts[e] = 0;
   __syncthreads();
   if (r.tokens == 1) {
@@ -608,8 +625,21 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
                               PickList{list_key + at, list_e + at, list_score + at}, counts);
   }
   __syncthreads();  // counts final; topk_ids and slot (global) visible to the whole block
+  if (one_token) {  // the rows need no offsets: stored before them
+    Element v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = convert<Element>(row[i]);
+    const uint4 bits = *reinterpret_cast<uint4*>(v);
+    for (int j = team; j < o.a1_copies; j += teams)
+      *reinterpret_cast<uint4*>(dst + int64_t(j) * o.width + col) = bits;
+  }
   write_offsets<kSmallThreads>(o, counts, start);
   __syncthreads();
+  if (o.a1_copies > 0) {
+    for (int p = threadIdx.x; p < r.top_k; p += kSmallThreads)
+      row_of[p] = start[r.topk_ids[p]] + r.slot[p];
+    return;
+  }
   for (int p = warp; p < r.tokens * r.top_k; p += kSmallWarps)
     gather_pair(src, ld_src, r.top_k, o.width, p, start[r.topk_ids[p]] + r.slot[p], lane, dst,
                 row_of);
