@@ -604,8 +604,8 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
   // One token (o.a1_copies > 0, width <= kOneRowWidth): the input row is loaded now, its
   // latency hidden behind the top-k, by teams of width / 8 threads (8 columns each), and each
   // team stores every teams-th copy after it. Gathering after the offsets cost a dependent
-  // load at the kernel's end; one shared row instead of copies made the up gemv slower (every
-  // SM reading the same few L2 lines: +1.2% on the Ultra layer).
+  // load at the kernel's end; one shared row instead of copies made the layer slower (Ultra
+  // +1.2%, Super's up gemv +0.2-0.5 us: likely every SM reading the same few L2 lines).
   const int chunks = max(1, o.width / 8), teams = kSmallThreads / chunks;
   const int col = threadIdx.x % chunks * 8, team = threadIdx.x / chunks;
   const bool one_token = o.a1_copies > 0 && team < teams;
