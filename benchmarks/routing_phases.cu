@@ -37,6 +37,8 @@ stamped_kernel(R::RouteArgs r, R::OffsetArgs o, const Src* __restrict__ src, int
   float* list_score = reinterpret_cast<float*>(list_e + R::kSmallWarps * R::kListMax);
   float* group_scratch = list_score + R::kSmallWarps * R::kListMax;
   int warp = threadIdx.x / R::kWarp, lane = threadIdx.x % R::kWarp;
+  const bool one_token = r.tokens == 1 && o.width <= R::kOneRowWidth;
+  const R::OneTokenRow row(one_token, src, o.width, R::kSmallThreads);
   for (int e = threadIdx.x; e < r.experts; e += R::kSmallThreads) counts[e] = 0;
   __syncthreads();
   long long t1 = clock64();
@@ -56,12 +58,18 @@ stamped_kernel(R::RouteArgs r, R::OffsetArgs o, const Src* __restrict__ src, int
   }
   __syncthreads();
   long long t3 = clock64();
+  row.store(dst, o.width, r.top_k);  // one token: its rows' stores go with the offsets phase
   R::write_offsets<R::kSmallThreads>(o, counts, start);
   __syncthreads();
   long long t4 = clock64();
-  for (int p = warp; p < r.tokens * r.top_k; p += R::kSmallWarps)
-    R::gather_pair(src, ld_src, r.top_k, o.width, p, start[r.topk_ids[p]] + r.slot[p], lane, dst,
-                   row_of);
+  if (one_token) {
+    for (int p = threadIdx.x; p < r.top_k; p += R::kSmallThreads)
+      row_of[p] = start[r.topk_ids[p]] + r.slot[p];
+  } else {
+    for (int p = warp; p < r.tokens * r.top_k; p += R::kSmallWarps)
+      R::gather_pair(src, ld_src, r.top_k, o.width, p, start[r.topk_ids[p]] + r.slot[p], lane,
+                     dst, row_of);
+  }
   __syncthreads();
   long long t5 = clock64();
   if (threadIdx.x == 0) {
@@ -93,7 +101,7 @@ int main() {
   for (int T : {1, 2, 4, 8, 16}) {
     R::RouteArgs r{logits, ld, 0, E, bias, T, E, K, 1, 1, 0, 1, 5.0f, ids, tw, counts, slot};
     R::OffsetArgs o{counts, E, start, mnk1, ptrs1, mnk2, ptrs2, addr(a1), addr(wup), addr(h1),
-                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2, 0};
+                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2};
     size_t smem = R::small_smem(E, 1);
     const float* src = logits + 2 * E;
     float real = graph_us([&](int, cudaStream_t s) {
@@ -122,7 +130,7 @@ int main() {
     CK(cudaMemcpy(lg, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice));
     R::RouteArgs r{lg, ld, 0, E, bias, T, E, K, 1, 1, 0, 1, 5.0f, tid, w, counts, sl};
     R::OffsetArgs o{counts, E, start, mnk1, ptrs1, mnk2, ptrs2, addr(dst), addr(wup), addr(h1),
-                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2, 0};
+                    addr(h2), addr(wdown), addr(y2), W, 2688, 2688, 2};
     const int blocks = (T + R::kRouteWarps - 1) / R::kRouteWarps;
     auto zero = [&](cudaStream_t s) { R::zero_kernel<<<1, R::kZeroThreads, 0, s>>>(counts, E); };
     auto route = [&](cudaStream_t s) {

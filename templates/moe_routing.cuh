@@ -349,10 +349,6 @@ struct OffsetArgs {
   int64_t* ptrs2;
   int64_t a1, w_up, h1, h2, w_down, y2;  // base addresses
   int width, up_rows, inter, elem_bytes;
-  // > 0 (one token, in one launch): the launch loads the token's input before the top-k and
-  // stores it into a1's rows 0..a1_copies-1 (top_k: the sorted rows, whatever the order)
-  // instead of gathering it pair by pair after the offsets.
-  int a1_copies;
 };
 
 // Starts, shapes and pointer arrays of both grouped GEMMs from the per-expert counts (global or
@@ -419,6 +415,15 @@ __device__ inline void load8(const T* p, float (&v)[8]) {
   for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(e[i]);
 }
 
+// Eight floats converted to Element and stored in one 16-byte store (p 16-byte aligned).
+template <class Element>
+__device__ inline void store8(Element* p, const float (&v)[8]) {
+  Element e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = convert<Element>(v[i]);
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<uint4*>(e);
+}
+
 // Pair p = t * top_k + j of token t goes to sorted row `row`: record it and copy the token's
 // expert input there (converted to the GEMM's element type: the fused router+fc1 GEMM leaves
 // fc1's output in fp32). One warp.
@@ -432,10 +437,7 @@ __device__ inline void gather_pair(const Src* __restrict__ src, int64_t ld_src, 
   for (int c = lane * 8; c < width; c += kWarp * 8) {
     float f[8];
     load8(s + c, f);
-    Element v[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = convert<Element>(f[i]);
-    *reinterpret_cast<uint4*>(d + c) = *reinterpret_cast<uint4*>(v);
+    store8(d + c, f);
   }
 }
 
@@ -460,6 +462,33 @@ offsets_gather_kernel(OffsetArgs o, int tokens, int top_k, const int32_t* __rest
        p += gridDim.x * kWarps)
     gather_pair(src, ld_src, top_k, o.width, p, start[topk_ids[p]] + slot[p], lane, dst, row_of);
 }
+
+// One token's expert input (width <= kOneRowWidth), read by route_gather_small_kernel before
+// its top-k, the load's latency hidden behind it, and stored into the top_k sorted rows after
+// it (at one token they are rows 0..top_k-1, whatever the order): teams of width / 8 threads
+// (8 columns each) each load the row and store every teams-th copy; inactive, it does nothing.
+// Gathering after the offsets cost a dependent load at the kernel's end; one shared row
+// instead of copies made the layer slower (Ultra +1.2%, Super's up gemv +0.2-0.5 us: likely
+// every SM reading the same few L2 lines).
+struct OneTokenRow {
+  int col, team, teams;
+  bool loads;
+  float v[8];
+
+  template <class Src>
+  __device__ OneTokenRow(bool active, const Src* src, int width, int threads) {
+    const int chunks = max(1, width / 8);
+    teams = threads / chunks, col = threadIdx.x % chunks * 8, team = threadIdx.x / chunks;
+    loads = active && team < teams;
+    if (loads) load8(src + col, v);
+  }
+
+  template <class Element>
+  __device__ void store(Element* dst, int width, int top_k) const {
+    if (loads)
+      for (int j = team; j < top_k; j += teams) store8(dst + int64_t(j) * width + col, v);
+  }
+};
 
 // Decode: route, count, offsets and gather of up to kSmallWarps tokens in one block, one launch
 // instead of three (the zero, route and offsets+gather kernels). At one token the launches, not
@@ -601,16 +630,8 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
   float* list_score = reinterpret_cast<float*>(list_e + kSmallWarps * kListMax);
   float* group_scratch = list_score + kSmallWarps * kListMax;
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  // One token (o.a1_copies > 0, width <= kOneRowWidth): the input row is loaded now, its
-  // latency hidden behind the top-k, by teams of width / 8 threads (8 columns each), and each
-  // team stores every teams-th copy after it. Gathering after the offsets cost a dependent
-  // load at the kernel's end; one shared row instead of copies made the layer slower (Ultra
-  // +1.2%, Super's up gemv +0.2-0.5 us: likely every SM reading the same few L2 lines).
-  const int chunks = max(1, o.width / 8), teams = kSmallThreads / chunks;
-  const int col = threadIdx.x % chunks * 8, team = threadIdx.x / chunks;
-  const bool one_token = o.a1_copies > 0 && team < teams;
-  float row[8];
-  if (one_token) load8(src + col, row);
+  const bool one_token = r.tokens == 1 && o.width <= kOneRowWidth;
+  const OneTokenRow row(one_token, src, o.width, kSmallThreads);
   for (int e = threadIdx.x; e < r.experts; e += kSmallThreads) counts[e] = 0;
   __syncthreads();
   if (r.tokens == 1) {
@@ -625,17 +646,10 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
                               PickList{list_key + at, list_e + at, list_score + at}, counts);
   }
   __syncthreads();  // counts final; topk_ids and slot (global) visible to the whole block
-  if (one_token) {  // the rows need no offsets: stored before them
-    Element v[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = convert<Element>(row[i]);
-    const uint4 bits = *reinterpret_cast<uint4*>(v);
-    for (int j = team; j < o.a1_copies; j += teams)
-      *reinterpret_cast<uint4*>(dst + int64_t(j) * o.width + col) = bits;
-  }
+  row.store(dst, o.width, r.top_k);  // the rows need no offsets: stored before them
   write_offsets<kSmallThreads>(o, counts, start);
   __syncthreads();
-  if (o.a1_copies > 0) {
+  if (one_token) {
     for (int p = threadIdx.x; p < r.top_k; p += kSmallThreads)
       row_of[p] = start[r.topk_ids[p]] + r.slot[p];
     return;
@@ -678,10 +692,7 @@ __global__ void combine_kernel(const Element* __restrict__ y, const float* __res
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] += w * static_cast<float>(v[i]);
     }
-    Element o[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = convert<Element>(acc[i]);
-    *reinterpret_cast<uint4*>(out + int64_t(t) * width + c) = *reinterpret_cast<uint4*>(o);
+    store8(out + int64_t(t) * width + c, acc);
   }
 }
 
@@ -719,10 +730,7 @@ __global__ void combine_split_kernel(const Element* __restrict__ y,
       for (int p = 1; p < splits; ++p)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] += partial[(p - 1) * cols * 8 + c + i];
-      Element o[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[i] = convert<Element>(acc[i]);
-      *reinterpret_cast<uint4*>(out + int64_t(t) * width + col) = *reinterpret_cast<uint4*>(o);
+      store8(out + int64_t(t) * width + col, acc);
     }
     __syncthreads();  // partial is rewritten by the next column chunk
   }
