@@ -44,7 +44,16 @@ from .space import (
     space_hash,
     tile_orders,
 )
-from .workload import bucket_for, check_stage, config_dtype, default_config, stage_epilogue
+from .workload import (
+    Plan,
+    bucket_for,
+    check_stage,
+    config_dtype,
+    default_config,
+    default_plan,
+    stage_epilogue,
+    stages_of,
+)
 
 log = logging.getLogger("autotune")
 
@@ -316,6 +325,20 @@ class TunedTable:
         ``stage`` is a stage of the problem; ``tokens`` is an int >= 0.
         """
         return self._lookup(stage, tokens)[0]
+
+    def plan_for(self, tokens: int) -> Plan:
+        """The configs and tile orders of a forward at ``tokens`` tokens: :meth:`config_for`
+        and :meth:`order_for` of every stage of the problem (memoised with them)."""
+        plan = default_plan(self.problem, tokens, self.arch)
+        for stage in stages_of(self.problem):
+            plan = plan.with_stage(stage, *self._lookup(stage, tokens))
+        return plan
+
+    def entry_for(self, stage: str, tokens: int) -> BucketEntry | None:
+        """The stored entry :meth:`config_for` looks up at ``tokens`` (None where the stage is
+        untuned); its winner runs unless the lookup falls back to the default."""
+        buckets = self.buckets(stage)
+        return self.entries[stage][bucket_for(tokens, buckets)] if buckets else None
 
     def order_for(self, stage: str, tokens: int) -> TileOrder:
         """The tile order to launch :meth:`config_for`'s config with: the bucket winner's when

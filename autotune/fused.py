@@ -38,7 +38,7 @@ from .cache import tuned_table
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
 from .space import SM80_ARCHS, RoutingConfig, TileOrder, invalid_reason
-from .workload import PLAN_FIELD, PLAN_INDEX, Plan, default_plan, stages_of
+from .workload import Plan, default_plan
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Whose kernels have run the fused forward against the oracle: backend="auto" picks the CUTLASS
@@ -52,13 +52,7 @@ def tuned_plan(problem: LatentMoEProblem, tokens: int, arch: str = "sm90") -> Pl
     """The configs and tile orders for ``tokens`` on ``arch``: the tuned table's winners where
     one applies (looked up once per process), the default tiers elsewhere (one warning names the
     tune command)."""
-    table = tuned_table(problem, arch)
-    plan = default_plan(problem, tokens, arch)
-    orders = list(plan.orders)
-    for s in stages_of(problem):
-        orders[PLAN_INDEX[s]] = table.order_for(s, tokens)
-    return replace(plan, orders=tuple(orders),
-                   **{PLAN_FIELD[s]: table.config_for(s, tokens) for s in stages_of(problem)})
+    return tuned_table(problem, arch).plan_for(tokens)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -177,15 +171,19 @@ class FusedLatentMoE:
         order) and whether fc2 runs the combine launch (resolved once per token count, never
         per call)."""
         if tokens not in self._plans:
-            plan = tuned_plan(self.problem, tokens, self.arch)
-            if "relu2" in self.unfused:
-                plan = replace(plan, up=plan.up.with_epilogue("identity"))
-            kernels = tuple(load(c) for c in plan.configs())
-            p = self.problem
-            combine = (self.fc2 is not None and "combine_fc2" not in self.unfused
-                       and kernels[3].combines(tokens, p.expert_width, p.top_k))
-            self._plans[tokens] = kernels, plan.orders, combine
+            self.use_plan(tokens, tuned_plan(self.problem, tokens, self.arch))
         return self._plans[tokens]
+
+    def use_plan(self, tokens: int, plan: Plan) -> None:
+        """Run ``plan`` (its kernels loaded now) at ``tokens`` tokens from now on, in place of
+        the tuned table's: how the tuner times one plan against another in the whole layer."""
+        if "relu2" in self.unfused:
+            plan = replace(plan, up=plan.up.with_epilogue("identity"))
+        kernels = tuple(load(c) for c in plan.configs())
+        p = self.problem
+        combine = (self.fc2 is not None and "combine_fc2" not in self.unfused
+                   and kernels[3].combines(tokens, p.expert_width, p.top_k))
+        self._plans[tokens] = kernels, plan.orders, combine
 
     def __call__(self, x: torch.Tensor, xe: torch.Tensor | None = None,
                  topk_ids_hook=None) -> torch.Tensor:

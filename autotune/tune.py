@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,11 +62,15 @@ from .cache import (
     TIMING_METHOD,
     BucketEntry,
     DeviceInfo,
+    TableError,
     TunedConfig,
     TunedTable,
     arch_space_hash,
+    read_table,
     runtime_versions,
+    table_path,
     tune_command,
+    tuned_table,
     tuning_key,
     write_table,
 )
@@ -76,6 +81,7 @@ from .space import (
     RoutingConfig,
     Sm80Config,
     TileOrder,
+    config_from_dict,
     default_configs,
     invalid_reason,
     is_gemv,
@@ -84,10 +90,14 @@ from .space import (
     tile_orders,
 )
 from .workload import (
+    PLAN_FIELD,
+    PLAN_INDEX,
     ROUTINGS,
+    Plan,
     bucket_for,
     config_dtype,
     default_config,
+    default_plan,
     default_tier_configs,
     parse_tokens,
     stage_epilogue,
@@ -98,8 +108,8 @@ from .workload import (
 
 __all__ = [
     "BRUTE_FORCE_MAX", "DEFAULT_MAX_CONFIGS", "DEFAULT_TRIALS", "TOLERANCE", "BucketResult",
-    "CompileRecord", "ConfigTime", "Evaluator", "Failure", "GpuEvaluator", "Measurement",
-    "StageSpace", "TuningReport", "bucket_for", "format_report", "main_from_args",
+    "CompileRecord", "ConfigTime", "Evaluator", "Failure", "GpuEvaluator", "LayerCheck",
+    "Measurement", "StageSpace", "TuningReport", "bucket_for", "format_report", "main_from_args",
     "open_storage", "parse_tokens", "plot_report", "run_tuning", "select_candidates",
     "stage_spaces", "study_name", "token_buckets",
 ]
@@ -179,8 +189,10 @@ class Evaluator(Protocol):
     name -> None (ready) or the failure message; ``on_done(name, error)`` reports progress.
     ``evaluate`` checks one config on one stage at one token count and times it; it is called
     with ``order=`` (a :class:`~autotune.space.TileOrder`) only by tile-order studies. ``peer``
-    times the torch peer of a stage (None when there is none). ``device`` names the device for the
-    tuning key.
+    times the torch peer of a stage (None when there is none). ``layer`` times the whole forward
+    at one token count under each of some plans (one result per plan, in order), for the check
+    that a bucket's winners, together, beat the plan they replace. ``device`` names the device
+    for the tuning key.
     """
 
     @property
@@ -194,6 +206,8 @@ class Evaluator(Protocol):
                  order: TileOrder = DEFAULT_ORDER) -> Measurement | Failure: ...
 
     def peer(self, stage: str, tokens: int) -> Measurement | Failure | None: ...
+
+    def layer(self, plans: Sequence[Plan], tokens: int) -> list[Measurement | Failure]: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,6 +768,27 @@ class BucketResult:
 
 
 @dataclass(frozen=True)
+class LayerCheck:
+    """One bucket's check in the whole forward: the plan of this run's winners against the
+    plan it replaces (``previous``: the table the layer ran before, or its default configs).
+
+    ``kept`` is "tuned", "previous" (faster in the layer, so its entries stay) or "same" (the
+    winners are the previous plan: nothing to time); ``note`` says why a check could not
+    decide (a failure, or stage times of the previous plan that no table or study holds)."""
+
+    bucket: int
+    previous: str
+    kept: str
+    tuned_ms: float | None = None
+    previous_ms: float | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"previous": self.previous, "kept": self.kept, "tuned_ms": self.tuned_ms,
+                "previous_ms": self.previous_ms, **({"note": self.note} if self.note else {})}
+
+
+@dataclass(frozen=True)
 class CompileRecord:
     """One candidate's build outcome (``error`` None when it is ready)."""
 
@@ -781,6 +816,7 @@ class TuningReport:
     timed: bool = False
     elapsed_s: float = 0.0
     notes: tuple[str, ...] = ()
+    layer_checks: tuple[LayerCheck, ...] = ()
 
     def result(self, stage: str, bucket: int) -> BucketResult | None:
         return next((r for r in self.results if r.stage == stage and r.bucket == bucket), None)
@@ -897,11 +933,13 @@ def _bar(total: int, desc: str, unit: str, progress: bool):
 
 
 def _prepare(evaluator: Evaluator, spaces: Mapping[str, StageSpace], jobs: int | None,
-             progress: bool) -> dict[str, str | None]:
+             progress: bool, extra: Sequence[KernelConfig] = ()) -> dict[str, str | None]:
     unique: dict[str, KernelConfig] = {}
     for space in spaces.values():
         for c in (*space.configs, *space.variants):
             unique.setdefault(c.name, c)
+    for c in extra:
+        unique.setdefault(c.name, c)
     with _bar(len(unique), "compile", "kernel", progress) as bar:
         errors = evaluator.prepare(list(unique.values()), jobs,
                                    lambda name, error: bar.update(1))
@@ -1254,6 +1292,98 @@ def _tune_all(run: _Run, deadline: float | None, progress: bool
     return list(results.values()), notes
 
 
+# --------------------------------------------------------------------------------------------
+# The layer check: a bucket's winners together, in the whole forward, against what they replace
+# --------------------------------------------------------------------------------------------
+
+def _previous_table(problem: LatentMoEProblem, arch: str, device: DeviceInfo,
+                    root: Path | None) -> TunedTable | None:
+    """The table this run replaces for the layer: the file it merges into, else the one the
+    runtime finds for the key (a config folder's, the cache's or a shipped one); None where the
+    layer runs its default configs."""
+    key = tuning_key(problem, arch, device)
+    target = table_path(key, None if root is None else root / "tuned")
+    if target.is_file():
+        try:
+            return read_table(target)
+        except TableError:
+            pass  # write_table replaces an unusable file; the lookup below decides
+    table = tuned_table(problem, arch, device)
+    return table if table.tuned else None
+
+
+def _previous_time(previous: TunedTable | None, result: BucketResult, config: KernelConfig,
+                   order: TileOrder) -> ConfigTime | None:
+    """The stage time of the previous plan's (config, order) at the result's bucket: its entry
+    in the previous table, else this run's time of the default, if that is what it runs."""
+    entry = None if previous is None else previous.entry_for(result.stage, result.bucket)
+    if entry is not None and (entry.winner.name, entry.order) == (config.name, order.tag):
+        return ConfigTime(entry.winner.name, dict(entry.winner.config), entry.median_ms,
+                          entry.p20_ms, entry.p80_ms, entry.order)
+    if (result.default is not None and result.default.name == config.name
+            and result.default.order == order.tag):
+        return result.default
+    return None
+
+
+def _check_in_layer(run: _Run, results: list[BucketResult], previous: TunedTable | None,
+                    plans: Mapping[int, Plan], deadline: float | None, notes: list[str]
+                    ) -> tuple[list[BucketResult], list[LayerCheck]]:
+    """Per bucket, time the whole forward under the plan of this run's winners and under the
+    previous plan, and keep the faster: each stage is timed alone in its study, and a
+    faster kernel there can still make the layer slower (on an H200 the default run's table,
+    unchecked, ran the Super layer 3% slower at 1 and at 2048 tokens than the shipped table it
+    replaced; benchmarks/NOTES.md v13). Where the previous plan wins, its stages' entries
+    replace the winners in the results (and so in the table)."""
+    label = ("default configs" if previous is None
+             else f"table {previous.source.name if previous.source else previous.key}")
+    by_key = {(r.bucket, r.stage): r for r in results}
+    checks: list[LayerCheck] = []
+    for bucket in run.buckets:
+        mine = {s: by_key[(bucket, s)] for s in run.spaces if (bucket, s) in by_key}
+        if not mine or any(r.winner is None for r in mine.values()):
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            notes.append(f"time budget spent before the layer check at t={bucket}")
+            break
+        old = plans[bucket]
+        new = old
+        for stage, r in mine.items():
+            new = new.with_stage(stage, config_from_dict(r.winner.config),
+                                 TileOrder.from_tag(r.winner.order))
+        if new == old:
+            checks.append(LayerCheck(bucket, label, "same"))
+            continue
+        unbuilt = [c.name for c in old.configs() if run.compile_errors.get(c.name)]
+        if unbuilt:
+            checks.append(LayerCheck(bucket, label, "tuned", note="the previous plan's "
+                                     f"{', '.join(unbuilt)} did not build"))
+            continue
+        kept_times = {s: _previous_time(previous, r, getattr(old, PLAN_FIELD[s]),
+                                        old.orders[PLAN_INDEX[s]]) for s, r in mine.items()}
+        old_m, new_m = run.evaluator.layer([old, new], bucket)
+        times = [m.median_ms if isinstance(m, Measurement) else None for m in (new_m, old_m)]
+        note = "; ".join(f"{which} plan: {m.kind}: {m.message}"[:300]
+                         for which, m in (("tuned", new_m), ("previous", old_m))
+                         if isinstance(m, Failure))
+        previous_wins = times[1] is not None and (times[0] is None or times[1] < times[0])
+        unknown = [s for s, t in kept_times.items()
+                   if t is None and getattr(old, PLAN_FIELD[s]) != getattr(new, PLAN_FIELD[s])]
+        if previous_wins and unknown:
+            note = (note + "; " if note else "") + (
+                f"the previous plan was faster but its {', '.join(unknown)} stage times are in "
+                "no table or study here; the tuned plan is kept")
+            previous_wins = False
+        checks.append(LayerCheck(bucket, label, "previous" if previous_wins else "tuned",
+                                 *times, note))
+        if previous_wins:
+            for stage, r in mine.items():
+                t = kept_times[stage]
+                if t is not None and (t.name, t.order) != (r.winner.name, r.winner.order):
+                    by_key[(bucket, stage)] = replace(r, winner=t)
+    return list(by_key.values()), checks
+
+
 def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
                stages: Sequence[str] | None = None, buckets: Sequence[int] | None = None,
                trials: int = DEFAULT_TRIALS, time_budget: float | None = None,
@@ -1325,22 +1455,35 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
                                                                      routing=routing)
     # Ask for the device before minutes of compiling, so a missing GPU fails at once.
     device = None if compile_only else evaluator.device
-    errors = _prepare(evaluator, spaces, jobs, progress)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else None
+    key = None if device is None else tuning_key(problem, arch, device)
+    # The run that writes the table checks it in the whole layer against the plans it replaces
+    # (workers and --trials 0 write none), whose kernels are then built with the candidates.
+    check = not (compile_only or worker or not trials)
+    previous = _previous_table(problem, arch, device, root) if check else None
+    plans = {b: previous.plan_for(b) if previous is not None else default_plan(problem, b, arch)
+             for b in (buckets if check else ())}
+    errors = _prepare(evaluator, spaces, jobs, progress,
+                      [c for plan in plans.values() for c in plan.configs()])
     compiled = tuple(CompileRecord(n, e) for n, e in errors.items())
     base = TuningReport(problem, arch, stages, buckets, compiled)
     if compile_only:
         return replace(base, elapsed_s=time.monotonic() - start,
                         notes=("compile only: nothing was timed",))
-    key = tuning_key(problem, arch, device)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else None
     run = _Run(problem, arch, key, routing, trials, buckets, spaces,
                open_storage(storage, key, root), evaluator, errors, worker)
     deadline = None if time_budget is None else start + time_budget
     with _quiet_optuna():
         results, notes = _tune_all(run, deadline, progress)
+    checks: list[LayerCheck] = []
+    if check:
+        results, checks = _check_in_layer(run, results, previous, plans, deadline, notes)
     report = replace(base, results=tuple(results), key=key, device=device, timed=True,
-                      notes=tuple(notes))
-    table = _table(report, _metadata(problem, arch, routing, trials, evaluator))
+                      notes=tuple(notes), layer_checks=tuple(checks))
+    metadata = _metadata(problem, arch, routing, trials, evaluator)
+    if checks:
+        metadata["layer_check"] = {str(c.bucket): c.to_dict() for c in checks}
+    table = _table(report, metadata)
     path = None
     if table is not None:
         path = write_table(table, None if root is None else root / "tuned")
@@ -1396,6 +1539,13 @@ def format_report(report: TuningReport) -> str:
         if failed:
             lines.append(f"  {failed} candidate evaluations failed (compile, launch or "
                          "correctness); see the trials' user attributes")
+    if report.layer_checks:
+        lines += ["", "layer check: the whole forward (graph replay) under this run's winners "
+                  f"and under the plan they replace ({report.layer_checks[0].previous}); the "
+                  "faster is kept",
+                  f"{'tokens':>6}  {'tuned ms':>9}  {'previous ms':>11}  kept"]
+        lines += [f"{c.bucket:>6}  {_ms(c.tuned_ms):>9}  {_ms(c.previous_ms):>11}  {c.kept}"
+                  + (f"  ({c.note})" if c.note else "") for c in report.layer_checks]
     if report.table_path is not None:
         lines += ["", f"table: {report.table_path}"]
     lines += [f"note: {n}" for n in report.notes]
@@ -1523,6 +1673,9 @@ class _TimingSet:
     combine: Any = None  # CombineInputs of the fc2 stage (its timings include the combine)
 
 
+# Untimed replays before a plan's timing in the layer check: right after the other plan's
+# graph the GPU runs slower for tens of milliseconds (autotune.bench.time_graph).
+_LAYER_SETTLE_MS = 50.0
 _STICKY = ("CUDA error", "illegal", "misaligned", "unspecified launch failure")
 
 
@@ -1587,6 +1740,7 @@ class GpuEvaluator:
         self._device: DeviceInfo | None = None
         self._sets_key: tuple[str, int] | None = None
         self._sets: list[_TimingSet] = []
+        self._fused = None  # the layer of the layer check (its weights made on first use)
 
     def _torch_device(self):
         import torch
@@ -1765,6 +1919,75 @@ class GpuEvaluator:
             sets.append(_TimingSet(inputs, out, arrays))
         self._sets, self._sets_key = sets, (stage, tokens)
         return sets
+
+    def layer(self, plans: Sequence[Plan], tokens: int, rounds: int = 3
+              ) -> list[Measurement | Failure]:
+        """Time the whole fused forward at ``tokens`` tokens under each plan: CUDA-graph replay
+        over two input sets, the plans taking turns ``rounds`` times so that drift over the
+        seconds of a check hits them alike; a plan's median is the median of its rounds'.
+        The kernels passed their stage's gate; here a plan whose output is not finite fails."""
+        import torch
+
+        from .bench import time_graph
+
+        dev = self._torch_device()
+        with gpu_turn(dev.index):
+            layer = self._layer(dev)
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(_stable_seed(self.seed, "layer", tokens))
+            xs = [torch.randn(tokens, self.problem.hidden_size, generator=gen, device=dev,
+                              dtype=layer.dtype) for _ in range(2)]
+            timings: list[list] = [[] for _ in plans]
+            failed: dict[int, Failure] = {}
+            for _ in range(rounds):
+                for i, plan in enumerate(plans):
+                    if i in failed:
+                        continue
+                    try:
+                        layer.use_plan(tokens, plan)
+                        if not timings[i] and not bool(torch.isfinite(layer(xs[0])).all()):
+                            failed[i] = Failure("wrong", "the layer's output is not finite")
+                            continue
+                        timings[i].append(time_graph([lambda x=x: layer(x) for x in xs],
+                                                     replays=self.replays,
+                                                     settle_ms=_LAYER_SETTLE_MS))
+                    except Exception as e:  # noqa: BLE001 - classified below
+                        if _is_device_error(e, dev):
+                            raise DeviceError(f"layer at T={tokens}: {e}") from e
+                        failed[i] = Failure("launch", f"{type(e).__name__}: {e}")
+        return [failed[i] if i in failed else
+                Measurement(statistics.median(t.median_ms for t in ts),
+                            min(t.p20_ms for t in ts), max(t.p80_ms for t in ts),
+                            sum(t.samples for t in ts))
+                for i, ts in enumerate(timings)]
+
+    def _layer(self, dev):
+        """The fused layer with random weights of the problem's sizes (made once): the stage
+        timing sets are dropped first, the weights of both would not always fit."""
+        import torch
+
+        from .fused import FusedLatentMoE
+
+        if self._fused is None:
+            self._sets, self._sets_key = [], None
+            torch.cuda.empty_cache()
+            p = self.problem
+            dtype = getattr(torch, p.dtype)
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(_stable_seed(self.seed, "layer weights"))
+
+            def weight(*shape, dt=dtype):  # unit-variance outputs, as a trained layer's
+                w = torch.randn(*shape, generator=gen, device=dev, dtype=dt)
+                return w.mul_(shape[-1] ** -0.5)
+
+            e, h, w, i = p.num_experts, p.hidden_size, p.expert_width, p.intermediate_size
+            latent = p.latent_size is not None
+            self._fused = FusedLatentMoE(
+                p, weight(e, h, dt=torch.float32),
+                torch.randn(e, generator=gen, device=dev).mul_(0.01),
+                weight(w, h) if latent else None, weight(e, p.up_rows, w), weight(e, w, i),
+                weight(h, w) if latent else None, arch=self.arch)
+        return self._fused
 
     def peer(self, stage: str, tokens: int) -> Measurement | Failure:
         """Time the torch peer of ``stage`` at ``tokens`` on the timing sets."""

@@ -220,6 +220,12 @@ class Plan:
     def configs(self) -> list[KernelConfig]:
         return [self.router, self.up, self.down, self.fc2]
 
+    def with_stage(self, stage: str, config: KernelConfig, order: TileOrder) -> Plan:
+        """This plan with ``stage`` (fc1, up, down or fc2) run by ``config`` at ``order``."""
+        orders = list(self.orders)
+        orders[PLAN_INDEX[stage]] = order
+        return replace(self, orders=tuple(orders), **{PLAN_FIELD[stage]: config})
+
 
 def default_plan(problem: LatentMoEProblem, tokens: int, arch: str = "sm90") -> Plan:
     """The untuned, always-valid configs of the pipeline for ``tokens`` tokens on ``arch``: the

@@ -53,8 +53,11 @@ from autotune.tune import (
     study_name,
 )
 from autotune.workload import (
+    PLAN_FIELD,
+    PLAN_INDEX,
     bucket_for,
     default_config,
+    default_plan,
     make_inputs,
     parse_tokens,
     reference_output,
@@ -102,6 +105,8 @@ class StandIn:
     order_drift: float = 1.0  # time factor of every tile-order study's evaluation
     multicast_gain: float = 1.0  # a multicast variant's time over its c1x1 tile's (1: a tie)
     fast: frozenset = frozenset()  # configs (and their variants) made 100 times faster
+    layer_penalty: dict = field(default_factory=dict)  # config name -> ms it adds in the layer
+    layer_calls: list = field(default_factory=list)  # (tokens, plans) of each layer check
 
     def prepare(self, configs, jobs=None, on_done=None):
         out = {}
@@ -130,6 +135,12 @@ class StandIn:
             raise RuntimeError("launch failed: misaligned address")
         if config.name in self.wrong:
             return Failure("wrong", "relative error 0.7 > 0.01 against the fp32 reference")
+        if order is not None:
+            self.orders.append((config.name, stage, tokens, order.tag))
+        t = self._ms(config, stage, tokens, order)
+        return Measurement(t, 0.98 * t, 1.03 * t, 20, 1e-3)
+
+    def _ms(self, config, stage, tokens, order=None):
         single = (replace(config, cluster_m=1, cluster_n=1)
                   if isinstance(config, KernelConfig) else None)
         variant = single is not None and multicast_variant(single) == config
@@ -137,9 +148,22 @@ class StandIn:
         t = fake_ms(base, stage, tokens) * (self.multicast_gain if variant else 1.0)
         t *= 0.01 if base in self.fast else 1.0
         if order is not None:
-            self.orders.append((config.name, stage, tokens, order.tag))
             t *= self.order_gain.get(order.tag, 1.0) * self.order_drift
-        return Measurement(t, 0.98 * t, 1.03 * t, 20, 1e-3)
+        return t
+
+    def layer(self, plans, tokens):
+        """The stages' times added up, plus ``layer_penalty`` for the configs it names."""
+        self.layer_calls.append((tokens, tuple(plans)))
+        out = []
+        for plan in plans:
+            t = 0.0
+            for stage in stages_of(PROBLEM):
+                config = getattr(plan, PLAN_FIELD[stage])
+                order = plan.orders[PLAN_INDEX[stage]]
+                t += (self._ms(config, stage, tokens, None if order == DEFAULT_ORDER else order)
+                      + self.layer_penalty.get(config.name, 0.0))
+            out.append(Measurement(t, 0.98 * t, 1.03 * t, 60))
+        return out
 
     def peer(self, stage, tokens):
         return Measurement(0.5, 0.49, 0.52, 20)
@@ -428,7 +452,9 @@ def test_run_records_winners_and_writes_the_table(tmp_path):
     spaces = stage_spaces(PROBLEM, "sm90", ["up", "fc2"], 10)
     built = {c.name for s in spaces.values() for c in (*s.configs, *s.variants)}
     assert len(built) == 28 + 2 * len(spaces["up"].variants)
-    assert set(ev.prepared) == built and len(ev.prepared) == len(built)
+    # With them, the plans the layer check times them against: every stage's defaults here.
+    plans = {c.name for b in (4, 64) for c in default_plan(PROBLEM, b).configs()}
+    assert set(ev.prepared) == built | plans and len(ev.prepared) == len(built | plans)
     for r in report.results:
         # The stand-in times a variant like its c1x1 tile: a tie, which the c1x1 tile keeps.
         timed = sorted({(fake_ms(n, s, t), n) for n, s, t in ev.calls
@@ -446,6 +472,85 @@ def test_run_records_winners_and_writes_the_table(tmp_path):
     assert report.result("up", 64).winner.name in text and "x dflt" in text
     png = plot_report(report, tmp_path / "plot" / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _all_but(name: str, stage: str) -> dict:
+    """A layer penalty for every candidate of ``stage`` but ``name``."""
+    space = stage_spaces(PROBLEM, "sm90", [stage], 10)[stage]
+    return {c.name: 1.0 for c in (*space.configs, *space.variants) if c.name != name}
+
+
+def test_layer_check_keeps_the_tuned_plan_where_it_is_faster():
+    ev = StandIn()
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=6, evaluator=ev,
+                        progress=False, max_configs=10)
+    (check,) = report.layer_checks
+    assert (check.bucket, check.kept, check.previous) == (64, "tuned", "default configs")
+    assert check.tuned_ms < check.previous_ms
+    (tokens, (old, new)), = ev.layer_calls
+    assert tokens == 64 and old == default_plan(PROBLEM, 64)
+    assert new.up.name == report.result("up", 64).winner.name and new.fc2 == old.fc2
+    table = read_table(report.table_path)
+    assert table.entries["up"][64].winner.name == new.up.name
+    assert table.metadata["layer_check"]["64"]["kept"] == "tuned"
+    assert "layer check" in format_report(report)
+
+
+def test_layer_check_keeps_the_default_plan_where_the_winner_slows_the_layer():
+    default = default_config(PROBLEM, "up", 64)
+    ev = StandIn(layer_penalty=_all_but(default.name, "up"))
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=6, evaluator=ev,
+                        progress=False, max_configs=10)
+    (check,) = report.layer_checks
+    assert check.kept == "previous" and check.previous_ms < check.tuned_ms
+    r = report.result("up", 64)
+    # The default's own time in the study goes into the table with it.
+    assert r.winner == r.default and r.winner.name == default.name
+    entry = read_table(report.table_path).entries["up"][64]
+    assert entry.winner.name == default.name and entry.median_ms == r.default.median_ms
+
+
+def test_layer_check_keeps_the_previous_tables_entry(tmp_path):
+    # A first run whose winner is made fast writes the table; a second run (a fresh journal)
+    # finds another winner, which the layer finds slower than the first table's.
+    first = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=6, progress=False,
+                       evaluator=StandIn(), max_configs=10,
+                       storage=str(tmp_path / "first.journal"))
+    space = stage_spaces(PROBLEM, "sm90", ["up"], 10)["up"]
+    other = next(c.name for c in space.configs if c.name != first.result("up", 64).winner.name
+                 and c.name != first.result("up", 64).default_name)
+    run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=6, progress=False,
+               evaluator=StandIn(fast=frozenset({other})), max_configs=10,
+               storage=str(tmp_path / "fast.journal"))
+    kept = read_table(first.table_path).entries["up"][64]
+    assert kept.winner.name == other
+    ev = StandIn(layer_penalty=_all_but(other, "up"))
+    again = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=6, progress=False,
+                       evaluator=ev, max_configs=10, storage=str(tmp_path / "again.journal"))
+    (check,) = again.layer_checks
+    assert check.kept == "previous" and check.previous.startswith("table ")
+    assert again.result("up", 64).winner.name == other
+    entry = read_table(again.table_path).entries["up"][64]
+    # The winner's times are those of the run that timed it in its study.
+    assert ((entry.winner, entry.order, entry.median_ms, entry.p20_ms, entry.p80_ms)
+            == (kept.winner, kept.order, kept.median_ms, kept.p20_ms, kept.p80_ms))
+
+
+def test_layer_check_needs_the_previous_plan_built():
+    fc1 = default_plan(PROBLEM, 64).router.name  # not tuned in this run, but in both plans
+    ev = StandIn(compile_fail=frozenset({fc1}))
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=6, evaluator=ev,
+                        progress=False, max_configs=10)
+    (check,) = report.layer_checks
+    assert check.kept == "tuned" and fc1 in check.note and ev.layer_calls == []
+    assert fc1 in format_report(report)
+
+
+def test_runs_that_write_no_table_do_no_layer_check(tmp_path):
+    ev = StandIn()
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=0, evaluator=ev,
+                        progress=False, max_configs=10)
+    assert report.layer_checks == () and ev.layer_calls == []
 
 
 def test_gemv_is_skipped_where_it_would_stream_the_weights_again(tmp_path):

@@ -93,6 +93,18 @@ def test_table_is_written_and_used_by_the_runtime_lookup(tuned, monkeypatch):
     cache.clear_cache()
 
 
+def test_layer_check_timed_each_bucket_in_the_whole_forward(tuned):
+    report, root = tuned
+    assert [c.bucket for c in report.layer_checks] == list(BUCKETS)
+    table = read_table(report.table_path)
+    for c in report.layer_checks:
+        assert c.kept in ("tuned", "previous", "same") and not c.note, c
+        if c.kept != "same":
+            assert c.tuned_ms > 0 and c.previous_ms > 0
+        # (Before the rerun below, which rewrites the table with its own checks.)
+        assert table.metadata["layer_check"][str(c.bucket)]["kept"] == c.kept
+
+
 def test_rerun_resumes_without_new_trials(tuned):
     report, root = tuned
 
@@ -107,4 +119,10 @@ def test_rerun_resumes_without_new_trials(tuned):
                        configs=[EXTRA], progress=False, cache_dir=root,
                        evaluator=Counting(PROBLEM))
     assert Counting.calls == 0
-    assert [r.winner.name for r in again.results] == [r.winner.name for r in report.results]
+    # Where the first run kept its winners, the rerun finds them in the table: the same plan,
+    # nothing to time in the layer. (Where it kept the defaults, the rerun checks again.)
+    kept = {c.bucket for c in report.layer_checks if c.kept != "previous"}
+    assert all(c.kept == "same" for c in again.layer_checks if c.bucket in kept)
+    assert ([r.winner.name for r in again.results if r.bucket in kept]
+            == [r.winner.name for r in report.results if r.bucket in kept])
+
