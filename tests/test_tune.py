@@ -546,6 +546,22 @@ def test_layer_check_needs_the_previous_plan_built():
     assert fc1 in format_report(report)
 
 
+def test_a_first_run_keeps_the_shipped_tables_other_buckets(tmp_path, monkeypatch):
+    from autotune import cache
+
+    shipped = run_tuning(PROBLEM, stages=["up"], buckets=[4, 64], trials=3, progress=False,
+                         evaluator=StandIn(), max_configs=10, cache_dir=tmp_path / "ship")
+    monkeypatch.setattr(cache, "_shipped_dir", lambda: shipped.table_path.parent)
+    cache.clear_cache()
+    report = run_tuning(PROBLEM, stages=["up"], buckets=[16], trials=3, progress=False,
+                        evaluator=StandIn(), max_configs=10)
+    assert report.table_path.parent != shipped.table_path.parent
+    written = read_table(report.table_path)
+    assert sorted(written.entries["up"]) == [4, 16, 64]
+    old = read_table(shipped.table_path).entries["up"]
+    assert written.entries["up"][4] == old[4] and written.entries["up"][64] == old[64]
+
+
 def test_runs_that_write_no_table_do_no_layer_check(tmp_path):
     ev = StandIn()
     report = run_tuning(PROBLEM, stages=["up"], buckets=[64], trials=0, evaluator=ev,
