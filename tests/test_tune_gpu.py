@@ -125,4 +125,3 @@ def test_rerun_resumes_without_new_trials(tuned):
     assert all(c.kept == "same" for c in again.layer_checks if c.bucket in kept)
     assert ([r.winner.name for r in again.results if r.bucket in kept]
             == [r.winner.name for r in report.results if r.bucket in kept])
-
