@@ -21,8 +21,12 @@ Flow of :func:`run_tuning`:
 5. **Refine.** Each bucket's winner is timed under every tile order (a launch argument), then
    beside its multicast variant at that order, the default beside both each time; the fastest
    point wins. Neither compiles.
-6. **Store.** Per bucket the winner, runner-up, times and the default's and peer's times go to
-   the tuned store (:mod:`autotune.cache`).
+6. **Check in the layer.** The run that writes the table times the whole forward at each
+   bucket under its winners and under the plan they replace (the table the layer used, else
+   the defaults), and keeps the faster (:func:`_check_in_layer`): a stage timed alone can
+   mispredict the layer by a few percent.
+7. **Store.** Per bucket the winner, runner-up, times and the default's and peer's times go to
+   the tuned store (:mod:`autotune.cache`), over the buckets of the table the layer used.
 
 Storage defaults to a journal file in the cache, so a killed run resumes: trials that finished
 are kept and only the rest of the budget runs. Any optuna storage URL works for several workers;
@@ -1446,7 +1450,8 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
     Returns
     -------
     TuningReport
-        Compile outcomes, per (stage, bucket) results and the table written (if any winner).
+        Compile outcomes, per (stage, bucket) results (after the layer check), the layer
+        checks and the table written (if any winner).
 
     Requirements
     ------------
