@@ -365,14 +365,13 @@ class TunedTable:
 
     def _resolve(self, stage: str, tokens: int) -> tuple[KernelConfig, TileOrder]:
         default = default_config(self.problem, stage, tokens, self.arch)
-        buckets = self.buckets(stage)
-        if not buckets:
+        entry = self.entry_for(stage, tokens)
+        if entry is None:
             warn_once(f"untuned:{self.key}",
                       "no tuned kernels for %s on %s (key %s); using default configs. Tune with: "
                       "%s", self.problem.key, self.arch, self.key,
                       tune_command(self.problem, self.arch))
             return default, DEFAULT_ORDER
-        entry = self.entries[stage][bucket_for(tokens, buckets)]
         try:
             config = config_from_dict(entry.winner.config)
             reason = invalid_reason(config, self.problem)

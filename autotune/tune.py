@@ -1330,14 +1330,6 @@ def _previous_time(previous: TunedTable | None, result: BucketResult, config: Ke
     return None
 
 
-def _over(previous: TunedTable, table: TunedTable) -> TunedTable:
-    """``table`` with the buckets of ``previous`` it does not have (its metadata kept)."""
-    entries = {stage: dict(per) for stage, per in previous.entries.items()}
-    for stage, per in table.entries.items():
-        entries.setdefault(stage, {}).update(per)
-    return replace(table, entries=entries)
-
-
 def _check_in_layer(run: _Run, results: list[BucketResult], previous: TunedTable | None,
                     plans: Mapping[int, Plan], deadline: float | None, notes: list[str]
                     ) -> tuple[list[BucketResult], list[LayerCheck]]:
@@ -1499,8 +1491,9 @@ def run_tuning(problem: LatentMoEProblem, arch: str = "sm90",
     table = _table(report, metadata)
     if table is not None and previous is not None:
         # The cache's table shadows a shipped one for every token count: a first run into an
-        # empty cache (say --tokens 2048) carries the buckets it did not tune along.
-        table = _over(previous, table)
+        # empty cache (say --tokens 2048) carries the buckets it did not tune along. (A table
+        # of an earlier search space has another key; its entries are still what the layer ran.)
+        table = replace(previous, key=table.key).merged(table)
     path = None
     if table is not None:
         path = write_table(table, None if root is None else root / "tuned")
