@@ -31,6 +31,12 @@ class Arch:
     def gencode_flags(self) -> list[str]:
         return [f"-gencode={self.gencode}"]
 
+    @property
+    def pdl(self) -> bool:
+        """Whether kernels built for it may launch before the kernel ahead of them in the stream
+        ends (programmatic dependent launch: ``griddepcontrol`` in PTX, sm90 and newer)."""
+        return self.capability >= (9, 0)
+
 
 # sm90a (not sm90) is required: wgmma, setmaxnreg and TMA multicast are arch-conditional features
 # that a plain sm_90 target rejects; likewise sm100a for tcgen05 (UMMA, tensor memory, 2-CTA MMA),

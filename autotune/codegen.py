@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 
+from .arch import ARCHS
 from .env import generated_dir, template_dir
 from .space import (
     KernelConfig,
@@ -53,10 +54,12 @@ def template_name(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfi
 
 def context(config: KernelConfig | Sm80Config | Sm100Config | RoutingConfig) -> dict[str, str]:
     """The template variables of ``config``, already stringified for C++."""
+    # The routing and gemv launches start early where the library's code can wait (pdl.cuh).
+    pdl = "true" if ARCHS[config.arch].pdl else "false"
     if isinstance(config, RoutingConfig):
-        return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype]}
+        return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype], "pdl": pdl}
     if is_gemv(config):
-        return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype],
+        return {"name": config.name, "element": _CUDA_ELEMENT[config.dtype], "pdl": pdl,
                 # gemv.cuh runs 4 warps per work item; 8-row items are dealt round-robin to
                 # register-fed warps, larger ones stream through shared memory (its two
                 # schedules, "items" and "bulk").

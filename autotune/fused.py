@@ -23,6 +23,11 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 7. combine: routing-weighted sum over the top-k in fp32, fixed order (deterministic).
 8. ``fc2_latent_proj`` as one GEMM. Where fc2 runs the gemv (decode), steps 7 and 8 are one
    launch: each CTA sums the combine into shared memory while its first fc2 weights stream in.
+
+On sm90 and newer the routing and gemv kernels (all but the register-fed gemv schedule) launch
+early (programmatic dependent launch, ``templates/pdl.cuh``): a kernel's CTAs start while the one
+ahead of it ends and wait on the device for its results, and the combine launch streams its fc2
+weights before that wait. Stream order and graph capture are unchanged for the caller.
 """
 
 from __future__ import annotations

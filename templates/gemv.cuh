@@ -34,6 +34,7 @@
 
 #include "epilogues.cuh"
 #include "grouped_gemm_common.cuh"
+#include "pdl.cuh"
 
 namespace autotune::gemv {
 
@@ -297,6 +298,7 @@ grouped_items_kernel(int groups, const int32_t* __restrict__ mnk,
   using Element = typename G::Element;
   using ElementD = typename G::ElementD;
   extern __shared__ int first[];
+  pdl::enter();  // the shapes and pointers come from the routing kernel
   const int total = scan_items(groups, mnk, first, ItemsOfRows<G::kRowsPerItem>{});
   const int row = (threadIdx.x / 32) * G::kRowsPerWarp;  // the warp's rows within an item
   for (int it = blockIdx.x; it < total; it += gridDim.x) {
@@ -311,6 +313,7 @@ template <class G>
 __global__ void __launch_bounds__(kThreads)
 dense_kernel(int m, int n, int k, const typename G::Element* __restrict__ a,
              const typename G::Element* __restrict__ b, typename G::ElementD* __restrict__ d) {
+  pdl::enter();
   const int total = (n + G::kRowsPerItem - 1) / G::kRowsPerItem;
   const int row = (threadIdx.x / 32) * G::kRowsPerWarp;
   for (int it = blockIdx.x; it < total; it += gridDim.x)
@@ -328,6 +331,7 @@ dense_split_kernel(int m, int n, int k, int split, const typename G::Element* __
                    const typename G::Element* __restrict__ b,
                    typename G::ElementD* __restrict__ d) {
   __shared__ float partial[kWarps][G::kRowsOfA][G::kRowsPerWarp];
+  pdl::enter();
   const int warp = threadIdx.x / 32;
   const int rows_per_item = G::kRowsPerWarp * (kWarps / split);
   const int total = (n + rows_per_item - 1) / rows_per_item;
@@ -568,6 +572,8 @@ grouped_bulk_kernel(int groups, const int32_t* __restrict__ mnk,
       bar_init(&full[s], 1), bar_init(&empty[s], kBulkConsumers);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  pdl::launch_dependents();
+  pdl::wait();  // the shapes and pointers come from the routing kernel
   const int total = scan_items(groups, mnk, first, BulkItems<B>{});  // syncs the block
   // The CTA's contiguous run [begin, end) of blocks.
   const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
@@ -583,6 +589,8 @@ grouped_bulk_kernel(int groups, const int32_t* __restrict__ mnk,
 // the CTA's weight blocks (the bulk schedule), then its consumers run the dense product from
 // there. As two launches (the combine kernel, then the dense gemv) this was the combine's
 // launch and round trips, then the gemv's: 3.0 + 4.4 us at one token of the Super preset.
+// Launched early (pdl.cuh), the producer starts that stream while the expert kernel before it
+// still runs: fc2's weights depend on nothing earlier.
 // The pairs of a column chunk are split over `splits` threads (pairs q, q + splits, ... in
 // order, partial sums added in split order): deterministic, as the routing library's combine
 // kernels are (a split sum of the same kind, not necessarily the same split).
@@ -590,8 +598,18 @@ constexpr int kCombineMaxA = 64 * 1024;     // bytes of a (tokens x K) in shared
 constexpr int kCombineMaxPairs = 1024;      // tokens x top_k at most (their rows and weights)
 constexpr int kCombineThreads = 32 * kBulkConsumers;
 constexpr int kCombinePartial = kCombineThreads * kVec * sizeof(float);  // split partial sums
-constexpr int kCombineSmem = kCombineMaxA + kCombinePartial + kCombineMaxPairs * 8;
 constexpr int kCombineBatch = 8;            // pairs' loads in flight per thread
+
+// Bytes of a (m tokens of k elements), the partial sums and the pairs' rows and weights, after
+// the stages: sized per launch (18 KB at one token of the Super preset, 88 KB at most), so that
+// a CTA fits beside the expert kernel's last CTAs on an SM and starts its weight stream before
+// they have all left.
+__host__ __device__ constexpr int combine_a_bytes(int m, int k, int element_bytes) {
+  return (m * k * element_bytes + 127) / 128 * 128;
+}
+__host__ __device__ constexpr int combine_smem(int m, int k, int top_k, int element_bytes) {
+  return combine_a_bytes(m, k, element_bytes) + kCombinePartial + m * top_k * 8;
+}
 
 template <class B>
 __global__ void __launch_bounds__(kBulkThreads, 1)
@@ -610,9 +628,9 @@ combine_dense_kernel(int m, int n, int k, int top_k, int splits,
   __shared__ void* ptr_d[1];
   auto* a = reinterpret_cast<Element*>(bulk_smem + kBulkStages * kBulkStageBytes);
   auto* partial = reinterpret_cast<float*>(bulk_smem + kBulkStages * kBulkStageBytes +
-                                           kCombineMaxA);
+                                           combine_a_bytes(m, k, sizeof(Element)));
   auto* pair_row = reinterpret_cast<int32_t*>(partial + kCombineThreads * kVec);
-  auto* pair_w = reinterpret_cast<float*>(pair_row + kCombineMaxPairs);
+  auto* pair_w = reinterpret_cast<float*>(pair_row + m * top_k);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kBulkStages; ++s)
       bar_init(&full[s], 1), bar_init(&empty[s], kBulkConsumers);
@@ -621,11 +639,19 @@ combine_dense_kernel(int m, int n, int k, int top_k, int splits,
     ptr_a[0] = a, ptr_b[0] = b, ptr_d[0] = d;
   }
   __syncthreads();
+  pdl::launch_dependents();
   const int total = (n + B::rows_per_block(k) - 1) / B::rows_per_block(k);
   const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
   const int end = static_cast<int>(static_cast<int64_t>(total) * (blockIdx.x + 1) / gridDim.x);
-  if (begin >= end) return;
-  if (threadIdx.x < kCombineThreads) {  // the consumers; the producer starts copying at once
+  if (begin < end && threadIdx.x >= kCombineThreads) {
+    // The producer warp copies the CTA's weight blocks before the earlier kernels are done; the
+    // stages take kBulkStages blocks at once (fc2 of the Super preset at one token: 4096 rows
+    // of K = 1024 in blocks of 8 or 16 rows, 2 to 4 per SM, all of them).
+    B::run(1, first, mnk, ptr_a, ptr_b, ptr_d, begin, end, bulk_smem, full, empty);
+  }
+  pdl::wait();  // y, the weights and the rows come from the expert kernels and the routing
+  if (begin >= end || threadIdx.x >= kCombineThreads) return;
+  {  // the consumers
     // Rows and weights of all pairs first (one round trip), then each thread's rows of y with
     // kCombineBatch loads in flight: two or three round trips in all, not two per pair.
     for (int p = threadIdx.x; p < m * top_k; p += kCombineThreads)
@@ -682,7 +708,8 @@ combine_dense_kernel(int m, int n, int k, int top_k, int splits,
 
 // The C ABI of every grouped-GEMM library (grouped_gemm_exports.j2). kBulk: the grouped launch's
 // schedule (see the top of this file); the dense launch runs the items schedule either way.
-template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue, bool kBulk>
+// kPdl: the launches may start early (pdl.cuh; the library's code is for sm90 or newer).
+template <class Element_, int kRowsPerWarp, int kMaxM, int kEpilogue, bool kBulk, bool kPdl>
 struct GroupedGemv {
   using Items = Gemv<Element_, kRowsPerWarp, kMaxM, kEpilogue>;
   using Stream = Bulk<Element_, kRowsPerWarp * kWarps, kMaxM, kEpilogue>;
@@ -707,9 +734,10 @@ struct GroupedGemv {
     return kOk;
   }
 
-  static int launched(const char* what) {
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess)
-      return fail(kLaunchFailed, what, cudaGetErrorString(e));
+  static int launched(const char* what, cudaError_t e) {
+    const cudaError_t last = cudaGetLastError();  // clears it either way
+    if (e == cudaSuccess) e = last;
+    if (e != cudaSuccess) return fail(kLaunchFailed, what, cudaGetErrorString(e));
     return kOk;
   }
 
@@ -739,8 +767,14 @@ struct GroupedGemv {
     }();
     const int per_sm = blocks_per_sm(kernel, threads, smem);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
-    kernel<<<per_sm * sm_count, threads, smem, stream>>>(groups, mnk, ptr_a, ptr_b, ptr_d);
-    return launched("gemv launch");
+    // The items kernel starts in stream order. Launched early it made the layer slower (H200,
+    // one token: Super 89.3 against 89.1 us in stream order, Ultra 275.5 against 269.1; every
+    // launch in stream order: 91.6 and 271.6), the bulk kernel faster (Super 89.3 against
+    // 90.2). Why is not isolated; what differs is a grid of several CTAs per SM, sized for an
+    // empty GPU, placed beside the kernel before it.
+    return launched("gemv launch",
+                    pdl::launch<kPdl && kBulk>(kernel, per_sm * sm_count, threads, smem, stream,
+                                               groups, mnk, ptr_a, ptr_b, ptr_d));
   }
 
   // Whether the combine launch takes m tokens of K columns and top_k pairs each.
@@ -765,9 +799,11 @@ struct GroupedGemv {
                                     "memory and up to 1024 pairs; use the combine kernel and "
                                     "run_dense beyond");
     if (m == 0) return kOk;
-    constexpr int kSmem = int(kStageSmem) + kCombineSmem;
+    // The opt-in once, for the largest launch that fits.
+    constexpr int kMaxSmem =
+        int(kStageSmem) + kCombineMaxA + kCombinePartial + kCombineMaxPairs * 8;
     static const cudaError_t opted = cudaFuncSetAttribute(
-        combine_dense_kernel<Combine>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        combine_dense_kernel<Combine>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
     if (opted != cudaSuccess)
       return fail(kCannotImplement, "the combine kernel's shared memory",
                   cudaGetErrorString(opted));
@@ -776,10 +812,13 @@ struct GroupedGemv {
     int splits = 1;
     while (splits < 8 && 2 * splits * chunks <= kCombineThreads && 3 * splits < top_k)
       splits *= 2;
-    combine_dense_kernel<Combine><<<sm_count, kBulkThreads, kSmem, stream>>>(
-        m, n, k, top_k, splits, static_cast<const Element_*>(y), weights, row_of,
-        static_cast<const Element_*>(b), static_cast<typename Combine::ElementD*>(d));
-    return launched("gemv combine launch");
+    const size_t smem = kStageSmem + combine_smem(m, k, top_k, sizeof(Element_));
+    return launched("gemv combine launch",
+                    pdl::launch<kPdl>(combine_dense_kernel<Combine>, sm_count, kBulkThreads, smem,
+                                      stream, m, n, k, top_k, splits,
+                                      static_cast<const Element_*>(y), weights, row_of,
+                                      static_cast<const Element_*>(b),
+                                      static_cast<typename Combine::ElementD*>(d)));
   }
 
   static int run_dense(int m, int n, int k, const void* a, const void* b, void* d, void*,
@@ -800,15 +839,15 @@ struct GroupedGemv {
     if (split == 1) {
       const int per_sm = blocks_per_sm(dense_kernel<Items>, kThreads, 0);
       if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
-      dense_kernel<Items><<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(m, n, k, pa, pb,
-                                                                                 pd);
-    } else {
-      const int per_sm = blocks_per_sm(dense_split_kernel<Items>, kThreads, 0);
-      if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
-      dense_split_kernel<Items><<<min(items, per_sm * sm_count), kThreads, 0, stream>>>(
-          m, n, k, split, pa, pb, pd);
+      return launched("gemv launch",
+                      pdl::launch<kPdl>(dense_kernel<Items>, min(items, per_sm * sm_count),
+                                        kThreads, 0, stream, m, n, k, pa, pb, pd));
     }
-    return launched("gemv launch");
+    const int per_sm = blocks_per_sm(dense_split_kernel<Items>, kThreads, 0);
+    if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
+    return launched("gemv launch",
+                    pdl::launch<kPdl>(dense_split_kernel<Items>, min(items, per_sm * sm_count),
+                                      kThreads, 0, stream, m, n, k, split, pa, pb, pd));
   }
 };
 

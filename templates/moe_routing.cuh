@@ -11,10 +11,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <utility>
 
 #include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "pdl.cuh"
 
 #define AUTOTUNE_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -26,6 +29,17 @@ inline int check_launch(const char* what, cudaError_t e = cudaGetLastError()) {
   if (e == cudaSuccess) return 0;
   std::snprintf(g_last_error, sizeof(g_last_error), "%s: %s", what, cudaGetErrorString(e));
   return 5;
+}
+
+// The kernel launch of every routing entry point, early where kPdl (pdl.cuh); 0, or 5 with the
+// error in g_last_error.
+template <bool kPdl, class... Params, class... Args>
+int launch(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+           cudaStream_t stream, Args&&... args) {
+  const cudaError_t e =
+      pdl::launch<kPdl>(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  const cudaError_t last = cudaGetLastError();  // clears it either way
+  return check_launch(what, e == cudaSuccess ? last : e);
 }
 
 constexpr int kWarp = 32;
@@ -54,6 +68,7 @@ struct RouteArgs {
 // cudaMemsetAsync: in a CUDA graph the memset node cost ~1.3 us plus ~6 us of gaps around it
 // before the next kernel node (H200, T = 2048), where one kernel follows another after ~0.3 us.
 __global__ void __launch_bounds__(kZeroThreads) zero_kernel(int32_t* p, int n) {
+  pdl::enter();
   for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = 0;
 }
 
@@ -140,6 +155,7 @@ __device__ void mask_groups(const RouteArgs& a, int lane, float* choice, float* 
 
 __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel(RouteArgs a) {
   extern __shared__ float smem[];
+  pdl::enter();
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   int t = blockIdx.x * kRouteWarps + warp;
   if (t >= a.tokens) return;
@@ -326,6 +342,7 @@ __device__ void route_token_regs(const RouteArgs& a, int t, int lane, float* buf
 template <int PerLane>
 __global__ void __launch_bounds__(kRouteWarps* kWarp) route_kernel_regs(RouteArgs a) {
   extern __shared__ float smem[];
+  pdl::enter();
   __shared__ float gscore[kRouteWarps][kMaxGroups];
   __shared__ int kept[kRouteWarps][kMaxGroups];
   __shared__ unsigned list_key[kRouteWarps][kListMax];
@@ -454,6 +471,7 @@ offsets_gather_kernel(OffsetArgs o, int tokens, int top_k, const int32_t* __rest
                       const int32_t* __restrict__ slot, const Src* __restrict__ src,
                       int64_t ld_src, Element* __restrict__ dst, int32_t* __restrict__ row_of) {
   extern __shared__ int32_t start[];
+  pdl::enter();
   write_offsets<kGatherThreads>(o, o.counts, start, blockIdx.x == 0);
   __syncthreads();
   constexpr int kWarps = kGatherThreads / kWarp;
@@ -630,6 +648,7 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
   float* list_score = reinterpret_cast<float*>(list_e + kSmallWarps * kListMax);
   float* group_scratch = list_score + kSmallWarps * kListMax;
   int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  pdl::enter();
   const bool one_token = r.tokens == 1 && o.width <= kOneRowWidth;
   const OneTokenRow row(one_token, src, o.width, kSmallThreads);
   for (int e = threadIdx.x; e < r.experts; e += kSmallThreads) counts[e] = 0;
@@ -663,6 +682,7 @@ route_gather_small_kernel(RouteArgs r, OffsetArgs o, const Src* __restrict__ src
 template <class Element>
 __global__ void swiglu_kernel(const Element* __restrict__ h1, Element* __restrict__ h2,
                               int64_t rows, int inter) {
+  pdl::enter();
   int64_t n = rows * inter;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
@@ -682,6 +702,7 @@ template <class Element>
 __global__ void combine_kernel(const Element* __restrict__ y, const float* __restrict__ weights,
                                const int32_t* __restrict__ row_of, int top_k, int width,
                                Element* __restrict__ out) {
+  pdl::enter();
   int t = blockIdx.x;
   for (int c = threadIdx.x * 8; c < width; c += blockDim.x * 8) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -707,6 +728,7 @@ __global__ void combine_split_kernel(const Element* __restrict__ y,
                                      const int32_t* __restrict__ row_of, int top_k, int width,
                                      int splits, Element* __restrict__ out) {
   extern __shared__ float partial[];  // [splits - 1][cols * 8]: split 0 keeps its sum
+  pdl::enter();
   const int t = blockIdx.x, cols = blockDim.x / splits;
   const int q = threadIdx.x / cols, c = threadIdx.x % cols * 8;
   for (int c0 = 0; c0 < width; c0 += cols * 8) {

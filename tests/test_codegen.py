@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -40,10 +41,10 @@ def test_sm80_render_carries_the_epilogue_kind():
 def test_gemv_render_carries_rows_per_warp_rows_per_pass_epilogue_and_schedule():
     text = render(KernelConfig(8, 1, 256, 1, 1, "gemv", True, "f32", "fp16"))
     assert '#include "gemv.cuh"' in text
-    assert "GroupedGemv<__half, 2, 1,\n" in text and "2, false>;" in text
+    assert "GroupedGemv<__half, 2, 1,\n" in text and "2, false, true>;" in text
     # Items of 16 rows and more stream through shared memory (the bulk schedule).
     assert "4, 1,\n" in (text := render(KernelConfig(16, 1, 256, 1, 1, "gemv", True)))
-    assert "0, true>;" in text
+    assert "0, true, true>;" in text
 
 
 def test_render_rejects_invalid_config():
@@ -60,6 +61,30 @@ def test_write_if_different(tmp_path):
     write_source(c, tmp_path)
     assert p.read_text() == render(c)
     assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+
+
+@pytest.mark.parametrize("arch,pdl", [("sm90", "true"), ("sm100", "true"), ("sm80", "false"),
+                                      ("sm89", "false")])
+def test_routing_launches_early_only_where_its_code_waits(arch, pdl):
+    """sm80/sm89 libraries (their PTX runs on newer GPUs too) have no griddepcontrol: launched
+    early, their kernels would read what the kernel before them has not written yet."""
+    from autotune.space import RoutingConfig
+
+    assert f"constexpr bool kPdl = {pdl};" in render(RoutingConfig("bf16", arch))
+
+
+def test_early_launched_kernels_wait_before_their_inputs():
+    """Every kernel of the routing and gemv libraries waits on the kernel before it (pdl.cuh's
+    contract) and every launch goes through pdl::launch, not <<<>>>."""
+    root = template_files()[0].parent
+    for name in ("gemv.cuh", "moe_routing.cuh"):
+        text = (root / name).read_text()
+        bodies = re.findall(r"\n__global__ .*?\) \{\n(.*?)\n\}\n", text, re.S)
+        assert bodies and len(bodies) == text.count("\n__global__ "), name
+        for body in bodies:
+            assert "pdl::enter();" in body or "pdl::wait();" in body, body[:200]
+    for name in ("gemv.cuh", "gemv.cu.j2", "moe_routing.cuh", "moe_routing.cu.j2"):
+        assert "<<<" not in (root / name).read_text(), name
 
 
 def test_templates_found():
@@ -108,7 +133,7 @@ def test_templates_hash_covers_what_a_config_includes(tmp_path, monkeypatch):
     sm100 = Sm100Config(256, 128, 64, 2, 1, "2sm")
     before = {c: codegen.templates_hash(c) for c in (gemm, sm100, routing)}
     assert [p.name for p in codegen.template_closure("moe_routing.cu.j2")] == [
-        "moe_routing.cu.j2", "moe_routing.cuh"]
+        "moe_routing.cu.j2", "moe_routing.cuh", "pdl.cuh"]
 
     with (root / "moe_routing.cuh").open("a") as f:
         f.write("// changed\n")

@@ -3,7 +3,7 @@
 #include "gemv.cuh"
 
 using Kernel = autotune::gemv::GroupedGemv<__nv_bfloat16, 4, 4,
-                                           1, true>;
+                                           1, true, true>;
 
 AUTOTUNE_EXPORT size_t sm90_bf16_16x4x256_c1x1_gemv_swapab_relu2_workspace_size(int groups, int sm_count) {
   return Kernel::workspace_size(groups, sm_count);
