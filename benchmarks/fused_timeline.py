@@ -5,6 +5,10 @@ Usage (on an sm90 GPU):
 
 Unlike fused_profile.py (eager calls), this profiles the captured graph itself, so launch gaps
 are the ones a served decode step sees. Durations and gaps are medians over 20 replays, in us.
+A kernel launched early (templates/pdl.cuh) starts before the one ahead of it ends: its gap is
+negative and its duration includes its wait. "exposed" is what it adds to the replay: from the
+later of its start and the previous kernel's end to its own end (the gaps and exposed times of a
+replay sum to its span).
 """
 
 from __future__ import annotations
@@ -64,8 +68,12 @@ def timeline(layer, p, tokens: int, gen) -> dict:
         before = [None] * len(mine) if k == 0 else events[k - 1::per_replay]
         gaps = [0.0 if b is None else e.time_range.start - b.time_range.end
                 for e, b in zip(mine, before, strict=True)]
+        exposed = [e.time_range.end - (e.time_range.start if b is None
+                                       else max(e.time_range.start, b.time_range.end))
+                   for e, b in zip(mine, before, strict=True)]
         kernels.append({"kernel": _short(mine[0].name), "us": statistics.median(durs),
-                        "gap_before_us": statistics.median(gaps)})
+                        "gap_before_us": statistics.median(gaps),
+                        "exposed_us": statistics.median(exposed)})
     return {"tokens": tokens, "graph_us": total.median_ms * 1e3, "kernels": kernels}
 
 
@@ -82,7 +90,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"T={r['tokens']}: graph {r['graph_us']:.1f} us")
         for k in r["kernels"]:
-            print(f"  {k['kernel']:<28} {k['us']:7.2f} us  gap before {k['gap_before_us']:6.2f}")
+            print(f"  {k['kernel']:<28} {k['us']:7.2f} us  gap before {k['gap_before_us']:6.2f}"
+                  f"  exposed {k['exposed_us']:6.2f}")
     Path(args.out).write_text(json.dumps({"problem": p.key, "rows": rows}, indent=1))
     return 0
 
