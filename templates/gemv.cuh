@@ -572,8 +572,7 @@ grouped_bulk_kernel(int groups, const int32_t* __restrict__ mnk,
       bar_init(&full[s], 1), bar_init(&empty[s], kBulkConsumers);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  pdl::launch_dependents();
-  pdl::wait();  // the shapes and pointers come from the routing kernel
+  pdl::enter();  // the shapes and pointers come from the routing kernel
   const int total = scan_items(groups, mnk, first, BulkItems<B>{});  // syncs the block
   // The CTA's contiguous run [begin, end) of blocks.
   const int begin = static_cast<int>(static_cast<int64_t>(total) * blockIdx.x / gridDim.x);
@@ -734,9 +733,7 @@ struct GroupedGemv {
     return kOk;
   }
 
-  static int launched(const char* what, cudaError_t e) {
-    const cudaError_t last = cudaGetLastError();  // clears it either way
-    if (e == cudaSuccess) e = last;
+  static int launched(const char* what, cudaError_t e) {  // e: pdl::launch's
     if (e != cudaSuccess) return fail(kLaunchFailed, what, cudaGetErrorString(e));
     return kOk;
   }

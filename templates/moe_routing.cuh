@@ -36,10 +36,8 @@ inline int check_launch(const char* what, cudaError_t e = cudaGetLastError()) {
 template <bool kPdl, class... Params, class... Args>
 int launch(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
            cudaStream_t stream, Args&&... args) {
-  const cudaError_t e =
-      pdl::launch<kPdl>(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
-  const cudaError_t last = cudaGetLastError();  // clears it either way
-  return check_launch(what, e == cudaSuccess ? last : e);
+  return check_launch(
+      what, pdl::launch<kPdl>(kernel, grid, block, smem, stream, std::forward<Args>(args)...));
 }
 
 constexpr int kWarp = 32;

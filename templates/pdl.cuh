@@ -43,9 +43,9 @@ __device__ __forceinline__ void enter() {
   wait();
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), allowed to start early when kPdl. Returns the
-// launch's error (cudaLaunchKernelEx's; a stream capture records the early start as a
-// programmatic edge of the graph).
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to start early when kPdl (a stream
+// capture records the early start as a programmatic edge of the graph). Returns the launch's
+// error, else any earlier one that cudaGetLastError holds, and clears the latter either way.
 template <bool kPdl, class... Params, class... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, Args&&... args) {
@@ -59,7 +59,9 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   config.stream = stream;
   config.attrs = kPdl ? attr : nullptr;
   config.numAttrs = kPdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t last = cudaGetLastError();
+  return e != cudaSuccess ? e : last;
 }
 
 }  // namespace autotune::pdl
