@@ -193,7 +193,17 @@ class FusedLatentMoE:
     def __call__(self, x: torch.Tensor, xe: torch.Tensor | None = None,
                  topk_ids_hook=None) -> torch.Tensor:
         """The layer on x [T, hidden]; ``xe`` [T, width] is the experts' input when fc1 is not
-        fused (a callable projection applied by the caller). Returns [T, hidden or width]."""
+        fused (a callable projection applied by the caller). Returns [T, hidden or width].
+
+        Runs on the weights' device whichever device is current (the libraries launch on the
+        current device's context); ``x`` must be there too (``ValueError`` otherwise)."""
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the layer's weights are on {self.device}; "
+                             f"move x to {self.device}")
+        with torch.cuda.device(self.device):
+            return self._forward(x, xe, topk_ids_hook)
+
+    def _forward(self, x: torch.Tensor, xe: torch.Tensor | None, topk_ids_hook) -> torch.Tensor:
         p = self.problem
         t, k, e = x.shape[0], p.top_k, p.num_experts
         width, inter, up_rows = p.expert_width, p.intermediate_size, p.up_rows

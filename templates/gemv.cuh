@@ -29,6 +29,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -44,6 +45,31 @@ constexpr int kVec = 8;               // elements per 16-byte load
 constexpr int kWarpK = 32 * kVec;     // K elements one warp covers per load
 // Item offsets of every group live in shared memory (4 bytes per group).
 constexpr int kMaxGroups = 8192;
+
+// kKernel's opt-in to `bytes` (more than 48 KB) of dynamic shared memory, the same `bytes` on
+// every call. The attribute belongs to the function in the current device's context, so a process
+// that drives several GPUs needs it on each: set once per device (host work only) and the outcome
+// remembered.
+template <auto kKernel>
+cudaError_t opt_in_smem(int bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> outcome[kDevices];  // 0: not yet set, else 1 + the cudaError_t
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  auto set = [&] {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) cudaGetLastError();
+    return e;
+  };
+  if (device < 0 || device >= kDevices) return set();
+  int o = outcome[device].load(std::memory_order_relaxed);
+  if (o == 0) {
+    o = 1 + static_cast<int>(set());
+    outcome[device].store(o, std::memory_order_relaxed);
+  }
+  return static_cast<cudaError_t>(o - 1);
+}
 
 // Weights are read exactly once: keep them out of L1 (A's rows live there) and let L2 fetch
 // 256-byte sectors ahead of the stream.
@@ -749,12 +775,10 @@ struct GroupedGemv {
     const size_t smem = (kBulk ? kStageSmem : 0) + sizeof(int) * groups;
     const int threads = kBulk ? kBulkThreads : kThreads;
     if constexpr (kBulk) {
-      // The stages need the opt-in to more than 48 KB of shared memory: once, for the largest
-      // launch (the most groups). A host-side attribute, no device work.
-      static const cudaError_t opted =
-          cudaFuncSetAttribute(grouped_bulk_kernel<Stream>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(kStageSmem + sizeof(int) * kMaxGroups));
+      // The stages need the opt-in to more than 48 KB of shared memory, for the largest launch
+      // (the most groups).
+      const cudaError_t opted =
+          opt_in_smem<grouped_bulk_kernel<Stream>>(int(kStageSmem + sizeof(int) * kMaxGroups));
       if (opted != cudaSuccess)
         return fail(kCannotImplement, "the bulk kernel's shared memory", cudaGetErrorString(opted));
     }
@@ -796,11 +820,10 @@ struct GroupedGemv {
                                     "memory and up to 1024 pairs; use the combine kernel and "
                                     "run_dense beyond");
     if (m == 0) return kOk;
-    // The opt-in once, for the largest launch that fits.
+    // The opt-in for the largest launch that fits.
     constexpr int kMaxSmem =
         int(kStageSmem) + kCombineMaxA + kCombinePartial + kCombineMaxPairs * 8;
-    static const cudaError_t opted = cudaFuncSetAttribute(
-        combine_dense_kernel<Combine>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+    const cudaError_t opted = opt_in_smem<combine_dense_kernel<Combine>>(kMaxSmem);
     if (opted != cudaSuccess)
       return fail(kCannotImplement, "the combine kernel's shared memory",
                   cudaGetErrorString(opted));

@@ -209,10 +209,11 @@ def test_graph_replay_with_fresh_inputs_equals_eager(monkeypatch, tokens, gemv):
 
 @pytest.mark.parametrize("tokens,gemv", [(1, True), (3, True), (24, True), (300, False)])
 def test_back_to_back_forwards_match_the_oracle(monkeypatch, tokens, gemv):
-    """Forwards queued one after another, nothing synchronising between them: each routing and
-    gemv kernel may start before the one ahead of it ends (pdl.cuh), a forward's freed buffers
-    are the next one's, and the inputs change between calls. Every output still matches the
-    oracle (no hook between the kernels: the chain runs as in serving)."""
+    """Forwards queued one after another, nothing synchronising between them: each routing,
+    gemv and grouped-GEMM kernel may start before the one ahead of it ends (pdl.cuh), a
+    forward's freed buffers are the next one's, and the inputs change between calls. Every
+    output still matches the oracle (no hook between the kernels: the chain runs as in
+    serving)."""
     if gemv:
         gemv_plan(monkeypatch)
     p = SUPER
@@ -226,6 +227,38 @@ def test_back_to_back_forwards_match_the_oracle(monkeypatch, tokens, gemv):
     outs = [layer(x) for x in xs]
     for x, out in zip(xs, outs, strict=True):
         assert rel_err(out, oracle(p, wts, x)) <= TOL
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_one_process_two_gpus(tokens):
+    """A layer on each of two GPUs in one process, both called while GPU 0 is current: every
+    library opts in to its shared memory on each device (T=1: the shared-memory gemv and the
+    combine launch; T=300: CUTLASS) and launches on its weights' device."""
+    p = SUPER
+    layers = []
+    for index in (1, 0):  # GPU 1's layer is made and called first
+        with torch.cuda.device(index):
+            wts = make_weights(p, 7 + index)
+            layers.append((index, wts, fused(p, wts)))
+    for index, wts, layer in layers:
+        gen = torch.Generator(device=f"cuda:{index}").manual_seed(index)
+        x = torch.randn(tokens, p.hidden_size, generator=gen, device=f"cuda:{index}")
+        x = x.to(layer.dtype)
+        with torch.cuda.device(index):
+            poison_allocator()
+        assert torch.cuda.current_device() == 0
+        out = layer(x)
+        assert out.device == x.device
+        assert rel_err(out, oracle(p, wts, x)) <= TOL
+
+
+def test_input_on_another_device_is_refused():
+    wts = make_weights(ODD, 0)
+    layer = fused(ODD, wts)
+    x = torch.randn(3, ODD.hidden_size).to(layer.dtype)
+    with pytest.raises(ValueError, match="move x to cuda:0"):
+        layer(x)
 
 
 @pytest.mark.parametrize("experts,top_k", [(7, 2), (33, 5)])
