@@ -27,7 +27,9 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 On sm90 and newer the routing and gemv kernels (all but the register-fed gemv schedule) launch
 early (programmatic dependent launch, ``templates/pdl.cuh``): a kernel's CTAs start while the one
 ahead of it ends and wait on the device for its results, and the combine launch streams its fc2
-weights before that wait. Stream order and graph capture are unchanged for the caller.
+weights before that wait. The routing's first kernel starts early only behind a gemv fc1: the
+CUTLASS GEMMs never signal the kernel after them. Stream order and graph capture are unchanged
+for the caller.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .arch import ARCHS, arch_of_capability
 from .cache import tuned_table
 from .problem import LatentMoEProblem
 from .runtime import GroupedGemm, Routing, load, load_routing
-from .space import SM80_ARCHS, RoutingConfig, TileOrder, invalid_reason
+from .space import SM80_ARCHS, RoutingConfig, TileOrder, invalid_reason, is_gemv
 from .workload import Plan, default_plan
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -234,11 +236,13 @@ class FusedLatentMoE:
         row_of = new(rows, dtype=torch.int32)
         # The experts' input: fc1's fp32 columns of the router GEMM, else x or the caller's.
         src, src_f32 = (cat, 1) if self.fc1_rows else (x if xe is None else xe.contiguous(), 0)
+        # The routing starts early only behind a gemv router GEMM: a CUTLASS one never signals.
+        early = int(is_gemv(router.config))
         self.routing("route_gather", cat, cat.shape[1], hi_col, lo_col, self.bias, t, e, k,
                      p.n_group, p.topk_group, int(p.scoring == "softmax"),
                      int(p.norm_topk_prob), float(p.routed_scaling_factor), ids, weights, counts,
                      slot, start, mnk1, ptrs1, mnk2, ptrs2, a1, self.up, h1, h2, self.down, y2,
-                     width, up_rows, inter, src, src.shape[1], src_f32, row_of)
+                     width, up_rows, inter, src, src.shape[1], src_f32, row_of, early)
         if topk_ids_hook is not None:
             topk_ids_hook(ids.long())
         up.run(mnk1, ptrs1[0], ptrs1[1], ptrs1[2], o_up)

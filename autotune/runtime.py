@@ -243,7 +243,8 @@ class Routing:
         "route_gather": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                          ctypes.c_void_p] + [ctypes.c_int] * 7 + [ctypes.c_float]
         + [ctypes.c_void_p] * 15 + [ctypes.c_int] * 3
-        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p],
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+           ctypes.c_void_p],
         "swiglu": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                    ctypes.c_void_p],
         "combine": [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2,

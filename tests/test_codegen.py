@@ -73,6 +73,20 @@ def test_routing_launches_early_only_where_its_code_waits(arch, pdl):
     assert f"constexpr bool kPdl = {pdl};" in render(RoutingConfig("bf16", arch))
 
 
+@pytest.mark.parametrize("entry", ["route_gather", "swiglu", "combine"])
+def test_routing_exports_match_the_runtime_signatures(entry):
+    """runtime.Routing's ctypes argument lists (the stream last) have as many arguments as the
+    library's exports: a parameter added on one side only would shift every argument after it."""
+    from autotune.runtime import Routing
+    from autotune.space import RoutingConfig
+
+    config = RoutingConfig("bf16", "sm90")
+    text = render(config)
+    params = re.search(rf"{config.name}_{entry}\((.*?)\) \{{", text, re.S).group(1)
+    assert params.count(",") + 1 == len(Routing._SIGNATURES[entry])
+    assert params.rstrip().endswith("cudaStream_t stream")
+
+
 def test_early_launched_kernels_wait_before_their_inputs():
     """Every kernel of the routing and gemv libraries waits on the kernel before it (pdl.cuh's
     contract) and every launch goes through pdl::launch, not <<<>>>."""
