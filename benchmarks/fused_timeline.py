@@ -33,7 +33,8 @@ from autotune.problem import preset  # noqa: E402
 _SHORT = ("route_gather_small_kernel", "route_kernel", "offsets_gather_kernel", "gather_kernel",
           "combine_split_kernel", "combine_kernel", "swiglu_kernel", "gemv::grouped_items_kernel",
           "gemv::grouped_bulk_kernel", "gemv::dense_kernel", "gemv::dense_split_kernel",
-          "gemv::combine_dense_kernel", "zero_kernel", "Memset")
+          "gemv::combine_dense_kernel", "zero_kernel", "Memset", "fill_group_arguments",
+          "fill_dense_arguments", "device_kernel")
 _REPLAYS = 20
 
 
