@@ -209,11 +209,10 @@ def test_graph_replay_with_fresh_inputs_equals_eager(monkeypatch, tokens, gemv):
 
 @pytest.mark.parametrize("tokens,gemv", [(1, True), (3, True), (24, True), (300, False)])
 def test_back_to_back_forwards_match_the_oracle(monkeypatch, tokens, gemv):
-    """Forwards queued one after another, nothing synchronising between them: each routing,
-    gemv and grouped-GEMM kernel may start before the one ahead of it ends (pdl.cuh), a
-    forward's freed buffers are the next one's, and the inputs change between calls. Every
-    output still matches the oracle (no hook between the kernels: the chain runs as in
-    serving)."""
+    """Forwards queued one after another, nothing synchronising between them: each routing and
+    gemv kernel may start before the one ahead of it ends (pdl.cuh), a forward's freed buffers
+    are the next one's, and the inputs change between calls. Every output still matches the
+    oracle (no hook between the kernels: the chain runs as in serving)."""
     if gemv:
         gemv_plan(monkeypatch)
     p = SUPER
