@@ -29,10 +29,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
+#include "device_facts.cuh"
 #include "epilogues.cuh"
 #include "grouped_gemm_common.cuh"
 #include "pdl.cuh"
@@ -45,31 +45,6 @@ constexpr int kVec = 8;               // elements per 16-byte load
 constexpr int kWarpK = 32 * kVec;     // K elements one warp covers per load
 // Item offsets of every group live in shared memory (4 bytes per group).
 constexpr int kMaxGroups = 8192;
-
-// kKernel's opt-in to `bytes` (more than 48 KB) of dynamic shared memory, the same `bytes` on
-// every call. The attribute belongs to the function in the current device's context, so a process
-// that drives several GPUs needs it on each: set once per device (host work only) and the outcome
-// remembered.
-template <auto kKernel>
-cudaError_t opt_in_smem(int bytes) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> outcome[kDevices];  // 0: not yet set, else 1 + the cudaError_t
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  auto set = [&] {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) cudaGetLastError();
-    return e;
-  };
-  if (device < 0 || device >= kDevices) return set();
-  int o = outcome[device].load(std::memory_order_relaxed);
-  if (o == 0) {
-    o = 1 + static_cast<int>(set());
-    outcome[device].store(o, std::memory_order_relaxed);
-  }
-  return static_cast<cudaError_t>(o - 1);
-}
 
 // Weights are read exactly once: keep them out of L1 (A's rows live there) and let L2 fetch
 // 256-byte sectors ahead of the stream.
@@ -742,15 +717,6 @@ struct GroupedGemv {
 
   static size_t workspace_size(int, int) { return 0; }
 
-  template <class Kernel>
-  static int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
-    int per_sm = 0;  // host-side occupancy query, no device work
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) !=
-        cudaSuccess)
-      return 0;
-    return per_sm;
-  }
-
   static int check(int sm_count, int raster, int swizzle) {
     if (sm_count <= 0) return fail(kBadArgument, "sm_count must be > 0");
     // The items have no 2-D tile grid to reorder.
@@ -782,11 +748,11 @@ struct GroupedGemv {
       if (opted != cudaSuccess)
         return fail(kCannotImplement, "the bulk kernel's shared memory", cudaGetErrorString(opted));
     }
-    auto kernel = [] {
+    constexpr auto kernel = [] {
       if constexpr (kBulk) return grouped_bulk_kernel<Stream>;
       else return grouped_items_kernel<Items>;
     }();
-    const int per_sm = blocks_per_sm(kernel, threads, smem);
+    const int per_sm = blocks_per_sm<kernel>(threads, smem);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
     // The items kernel starts in stream order. Launched early it made the layer slower (H200,
     // one token: Super 89.3 against 89.1 us in stream order, Ultra 275.5 against 269.1; every
@@ -857,13 +823,13 @@ struct GroupedGemv {
     const int rows_per_item = Items::kRowsPerWarp * (kWarps / split);
     const int items = (n + rows_per_item - 1) / rows_per_item;
     if (split == 1) {
-      const int per_sm = blocks_per_sm(dense_kernel<Items>, kThreads, 0);
+      const int per_sm = blocks_per_sm<dense_kernel<Items>>(kThreads, 0);
       if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
       return launched("gemv launch",
                       pdl::launch<kPdl>(dense_kernel<Items>, min(items, per_sm * sm_count),
                                         kThreads, 0, stream, m, n, k, pa, pb, pd));
     }
-    const int per_sm = blocks_per_sm(dense_split_kernel<Items>, kThreads, 0);
+    const int per_sm = blocks_per_sm<dense_split_kernel<Items>>(kThreads, 0);
     if (per_sm <= 0) return fail(kCannotImplement, "the kernel does not fit on this device");
     return launched("gemv launch",
                     pdl::launch<kPdl>(dense_split_kernel<Items>, min(items, per_sm * sm_count),

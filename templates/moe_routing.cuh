@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_facts.cuh"
 #include "pdl.cuh"
 
 #define AUTOTUNE_EXPORT extern "C" __attribute__((visibility("default")))

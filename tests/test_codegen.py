@@ -147,7 +147,7 @@ def test_templates_hash_covers_what_a_config_includes(tmp_path, monkeypatch):
     sm100 = Sm100Config(256, 128, 64, 2, 1, "2sm")
     before = {c: codegen.templates_hash(c) for c in (gemm, sm100, routing)}
     assert [p.name for p in codegen.template_closure("moe_routing.cu.j2")] == [
-        "moe_routing.cu.j2", "moe_routing.cuh", "pdl.cuh"]
+        "device_facts.cuh", "moe_routing.cu.j2", "moe_routing.cuh", "pdl.cuh"]
 
     with (root / "moe_routing.cuh").open("a") as f:
         f.write("// changed\n")
