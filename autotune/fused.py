@@ -27,9 +27,10 @@ Pipeline (one stream, no host synchronisation, CUDA-graph capturable):
 On sm90 and newer the routing and gemv kernels (all but the register-fed gemv schedule) launch
 early (programmatic dependent launch, ``templates/pdl.cuh``): a kernel's CTAs start while the one
 ahead of it ends and wait on the device for its results, and the combine launch streams its fc2
-weights before that wait. The routing's first kernel starts early only behind a gemv fc1: the
-CUTLASS GEMMs never signal the kernel after them. Stream order and graph capture are unchanged
-for the caller.
+weights before that wait. The routing's first kernel starts early only behind a gemv fc1:
+behind a CUTLASS one, which never signals the kernel after it, that launch measured slower (the
+combine kernels behind a CUTLASS down GEMM measured faster early and stay so). Stream order and
+graph capture are unchanged for the caller.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ class FusedLatentMoE:
         row_of = new(rows, dtype=torch.int32)
         # The experts' input: fc1's fp32 columns of the router GEMM, else x or the caller's.
         src, src_f32 = (cat, 1) if self.fc1_rows else (x if xe is None else xe.contiguous(), 0)
-        # The routing starts early only behind a gemv router GEMM: a CUTLASS one never signals.
+        # The routing starts early only behind a gemv router GEMM (measured: module docstring).
         early = int(is_gemv(router.config))
         self.routing("route_gather", cat, cat.shape[1], hi_col, lo_col, self.bias, t, e, k,
                      p.n_group, p.topk_group, int(p.scoring == "softmax"),
