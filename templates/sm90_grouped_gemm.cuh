@@ -14,6 +14,7 @@
 #include "cute/tensor.hpp"
 #include "epilogues.cuh"
 #include "grouped_gemm_common.cuh"
+#include "sm90_weights_first_out.cuh"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
@@ -219,12 +220,16 @@ struct PtrArrayKernel {
       ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
       typename EpilogueOf<Epilogue, Element>::Fusion>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       ArchTag, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
       LayoutB*, kAlignment, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
+  // sm90 swap-AB: the weights' loads marked evict-first (sm90_weights_first_out.cuh).
+  using CollectiveMainloop =
+      std::conditional_t<SwapAB && std::is_same_v<ArchTag, cutlass::arch::Sm90>,
+                         WeightsFirstOutCollective<BuiltMainloop>, BuiltMainloop>;
 
   using GemmKernel =
       cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
