@@ -14,7 +14,7 @@ import time
 from autotune.build import build
 from autotune.cache import tuned_table
 from autotune.problem import PRESETS
-from autotune.space import RoutingConfig, default_configs, gemv_configs
+from autotune.space import KernelConfig, RoutingConfig, default_configs, gemv_configs
 from autotune.workload import all_default_configs
 
 
@@ -30,6 +30,9 @@ def wanted(fp16: bool = True) -> list:
         configs += [c for arch in ("sm80", "sm89") for c in all_default_configs(p, arch)]
     for c in (default_configs("sm90")[0], default_configs("sm80")[0]):
         configs += [c.with_epilogue(e) for e in ("relu2", "f32")]
+    # ... and two more swap-AB mainloops (cooperative; the token tile multicast).
+    configs += [KernelConfig(128, 64, 64, 1, 1, "cooperative", True),
+                KernelConfig(128, 64, 64, 2, 1, "pingpong", True)]
     configs += [c.with_epilogue(e) for c in gemv_configs() for e in ("identity", "relu2", "f32")]
     return list({c.name: c for c in configs}.values())
 

@@ -10,13 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotune.space import default_configs, gemv_configs
+from autotune.space import KernelConfig, default_configs, gemv_configs
 
 pytestmark = pytest.mark.gpu
 
 SM90 = default_configs("sm90")
+# Swap-AB kernels load through their own mainloop (the weights evict-first,
+# templates/sm90_weights_first_out.cuh): beside the default tier's ping-pong one, a cooperative
+# one and one whose cluster multicasts the token tile.
+SWAP_AB = [KernelConfig(128, 64, 64, 1, 1, "cooperative", True),
+           KernelConfig(128, 64, 64, 2, 1, "pingpong", True)]
 GEMV = gemv_configs()  # the CUDA-core decode kernels of the sm90 space
-CONFIGS = SM90 + GEMV + default_configs("sm80")
+CONFIGS = SM90 + SWAP_AB + GEMV + default_configs("sm80")
 
 
 def _groups(sizes, n, k, device, gen):
