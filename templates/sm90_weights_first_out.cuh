@@ -3,7 +3,8 @@
 // tokens in one N tile, so each weight byte it streams is used once in the forward; marked
 // evict-first, those lines are the first the L2 replaces, ahead of the tokens' rows that every
 // weight tile of the expert re-reads and of the outputs the next kernel reads back.
-// Measured (benchmarks/NOTES.md, v16): Super T=8 and T=32 forwards 3-4% faster, Ultra 1-2.5%.
+// Measured (benchmarks/NOTES.md, v16): Super T=8 and T=32 forwards 3.3-3.4% faster, Ultra
+// 0.6-2.9% (T = 8..1024).
 // The kernels that carry the weights as B (many tokens per expert) measured slower with the
 // same hint on B (Super T=2048 +1%, T=8192 +10%) and keep CUTLASS's mainloop.
 #pragma once
