@@ -6,7 +6,9 @@
 // Measured (benchmarks/NOTES.md, v16): Super T=8 and T=32 forwards 3.3-3.4% faster, Ultra
 // 0.6-2.9% (T = 8..1024).
 // The kernels that carry the weights as B (many tokens per expert) measured slower with the
-// same hint on B (Super T=2048 +1%, T=8192 +10%) and keep CUTLASS's mainloop.
+// same hint on B (Super T=2048 +1%, T=8192 +10%) and keep CUTLASS's mainloop. Where a swap-AB
+// kernel's experts overflow its N tile (a weight tile then read twice), the tuner, which times
+// these kernels as they are, decides whether it still wins.
 #pragma once
 
 #include <cstdint>
