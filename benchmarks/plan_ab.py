@@ -26,6 +26,7 @@ from autotune.bench import time_graph  # noqa: E402
 from autotune.fused import tuned_plan  # noqa: E402
 from autotune.problem import preset  # noqa: E402
 from autotune.space import TileOrder, search_space  # noqa: E402
+from autotune.workload import PLAN_INDEX  # noqa: E402
 
 
 def variant(plan, spec: str, space: dict):
@@ -36,7 +37,7 @@ def variant(plan, spec: str, space: dict):
         if name not in space:
             raise SystemExit(f"{name!r}: not a valid identity-epilogue config of this problem's "
                              "search space (see `python -m autotune --render-only`)")
-        current = plan.configs()[["fc1", "up", "down", "fc2"].index(stage)]
+        current = plan.configs()[PLAN_INDEX[stage]]
         plan = plan.with_stage(stage, space[name].with_epilogue(current.epilogue),
                                TileOrder.from_tag(order))
     return plan
