@@ -1,5 +1,6 @@
-// Both gathering probes' tensor-map update: only B's descriptor (the weights) follows the group,
-// since A never goes through CUTLASS's A descriptor.
+// What both gathering probes do with B (the weights) as CUTLASS's mainloop does: only B's
+// descriptor follows the group (A never goes through CUTLASS's A descriptor), and B's TMA
+// partitions and multicast mask for a tile.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +31,27 @@ struct OnlyBFollowsGroup : Base {
                                                                 strides);
       }
     }
+  }
+
+  // (B's global tiles of this work tile, B's shared stages, the multicast mask) for the TMA.
+  template <class LoadInputs, class BlockCoord>
+  CUTLASS_DEVICE static auto b_load(typename Base::Params const& params,
+                                    LoadInputs const& inputs, BlockCoord const& blk_coord,
+                                    uint32_t block_rank_in_cluster,
+                                    typename Base::TensorStorage& smem) {
+    using namespace cute;
+    using Cluster = typename Base::DispatchPolicy::ClusterShape;
+    Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), typename Base::SmemLayoutB{});
+    constexpr uint32_t cluster_x = get<0>(Cluster{});
+    auto block_tma_b = params.tma_load_b.get_slice(block_rank_in_cluster % cluster_x);
+    Tensor gB = get<1>(inputs)(_, _, get<1>(blk_coord), _, get<3>(blk_coord));
+    uint16_t mcast_b = 0;
+    if constexpr (is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      auto blocks = Layout<Cluster>{};
+      for (int m = 0; m < size<0>(blocks); ++m)
+        mcast_b |= uint16_t(1) << blocks(m, block_rank_in_cluster / cluster_x, Int<0>{});
+    }
+    return make_tuple(block_tma_b.partition_S(gB), block_tma_b.partition_D(sB), mcast_b);
   }
 };
 

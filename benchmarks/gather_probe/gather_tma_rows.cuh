@@ -110,18 +110,8 @@ struct GatherACollective : probe_common::OnlyBFollowsGroup<Base> {
     using namespace cute;
     int lane = int(threadIdx.x % 32);
     Tensor sA = make_tensor(make_smem_ptr(smem.smem_A.data()), SmemLayoutA{});
-    Tensor sB = make_tensor(make_smem_ptr(smem.smem_B.data()), SmemLayoutB{});
-    constexpr uint32_t cluster_x = get<0>(typename DispatchPolicy::ClusterShape());
-    auto block_tma_b = params.tma_load_b.get_slice(block_rank_in_cluster % cluster_x);
-    Tensor gB = get<1>(inputs)(_, _, get<1>(blk_coord), _, get<3>(blk_coord));
-    Tensor tBgB = block_tma_b.partition_S(gB);
-    Tensor tBsB = block_tma_b.partition_D(sB);
-    uint16_t mcast_b = 0;
-    if constexpr (is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
-      auto blocks = Layout<typename DispatchPolicy::ClusterShape>{};
-      for (int m = 0; m < size<0>(blocks); ++m)
-        mcast_b |= uint16_t(1) << blocks(m, block_rank_in_cluster / cluster_x, Int<0>{});
-    }
+    auto [tBgB, tBsB, mcast_b] = this->b_load(params, inputs, blk_coord, block_rank_in_cluster,
+                                              smem);
     int32_t const* rows = get<2>(inputs);
     int m0 = int(get<0>(blk_coord)) * kTileM;
     int valid = min(kTileM, int(get<3>(inputs)) - m0);
