@@ -164,6 +164,68 @@ def test_bench_problem_dry_run_on_cpu(monkeypatch):
     assert small["floor_ms"] > 0 and small["problem"] == problem.key
 
 
+def test_flip_note_counts_tokens_routed_differently():
+    ref = torch.randn(4, 8)
+    out = ref.clone()
+    out[2] += 5.0  # the flipped token's row is the whole error
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    assert benchmark.flip_note(out, ref, ids, ids.flip(1)) == (
+        "every token routes as the fp32 oracle does")  # sets compare, not order
+    theirs = ids.clone()
+    theirs[2] = torch.tensor([4, 6])
+    note = benchmark.flip_note(out, ref, ids, theirs)
+    assert note.startswith("1 of 4 tokens route differently") and note.endswith(
+        "rel err 0 over the others")
+    assert benchmark.flip_note(out, ref, ids, ids + 1) == (
+        "all 4 tokens route differently from the fp32 oracle")
+
+
+def test_measure_impl_explains_only_a_wrong_result():
+    ref = torch.randn(4, 8)
+    opts = benchmark.Options(impls=benchmark.IMPLS)
+    xs = [torch.randn(4, 8)]
+    cell = benchmark._measure_impl("autotune", lambda x: 2 * ref, xs, ref, 4, opts,
+                                   explain=lambda out: f"out {tuple(out.shape)}")
+    assert cell["status"] == "WRONG" and cell["note"] == "rel err 1 > 0.01; out (4, 8)"
+
+    def broken(x):
+        raise RuntimeError("no kernels")
+
+    def never(out):
+        raise AssertionError("explain ran without a wrong result")
+
+    cell = benchmark._measure_impl("autotune", broken, xs, ref, 4, opts, explain=never)
+    assert cell["status"] == "n/a"
+
+
+def test_bench_problem_explains_a_wrong_layer_on_cpu(monkeypatch):
+    # The layer (here the reference backend, on CPU) made wrong by a factor: the note says its
+    # routing is the oracle's, so the error is elsewhere.
+    build = benchmark._build_module
+
+    def reference_layer(p, seed, device):
+        module = build(p, seed, device)[0]
+        module.backend = "reference"
+        return module, None
+
+    monkeypatch.setattr(benchmark, "_build_module", reference_layer)
+    impl_fns = benchmark._impl_fns
+
+    def wrong_layer(module, weights, routing):
+        fns = impl_fns(module, weights, routing)
+        fns["autotune"] = lambda x: 1.5 * module(x)
+        return fns
+
+    monkeypatch.setattr(benchmark, "_impl_fns", wrong_layer)
+    problem = LatentMoEProblem(hidden_size=64, latent_size=32, intermediate_size=48,
+                               num_experts=8, top_k=3)
+    opts = benchmark.Options(impls=("autotune",), device="cpu")
+    (row,) = benchmark.bench_problem("tiny", problem, [5], opts,
+                                     {"copy_bw_bytes_per_s": 1e12, "bf16_flops_per_s": 1e14})
+    assert row["status"]["autotune"] == "WRONG"
+    assert row["notes"]["autotune"].endswith("every token routes as the fp32 oracle does")
+
+
 # ----------------------------------------------------------------------------- writers
 
 def test_device_slug():
