@@ -314,20 +314,20 @@ def bench_problem(label: str, problem: LatentMoEProblem, tokens: Sequence[int], 
             oracle = latent_moe_reference(xs[0].float(), gate, bias, up, down,
                                           fc1_latent_proj=fc1, fc2_latent_proj=fc2,
                                           topk_ids_hook=ref_ids.append, **routing)
-            explain = {"autotune": _routing_explainer(module, xs[0], oracle, ref_ids[0])}
-            cells = {}
+            cells, explain = {}, None
             for name in opts.impls:
                 if unavailable.get(name):
                     cells[name] = {"status": "n/a", "note": unavailable[name]}
                 else:
-                    cells[name] = _measure_impl(name, fns[name], xs, oracle, t, opts,
-                                                explain.get(name))
+                    explain = (_routing_explainer(module, xs[0], oracle, ref_ids[0])
+                               if name == "autotune" else None)
+                    cells[name] = _measure_impl(name, fns[name], xs, oracle, t, opts, explain)
         nbytes, flops = roofline_bytes_flops(p, t)
         floor = roofline_floor_ms(p, t, floor_bandwidth(ceilings), ceilings["bf16_flops_per_s"])
         rows.append(make_row(label, p, t, floor, nbytes, flops, cells))
         print(f"[bench] {label} T={t}: " + ", ".join(
             f"{n} {_cell_text(c)}" for n, c in cells.items()), file=sys.stderr, flush=True)
-        del xs, oracle
+        del xs, oracle, explain  # the explainer holds x and the oracle too
     del module, weights, fns
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
