@@ -1,6 +1,7 @@
 // What both gathering probes do with B (the weights) as CUTLASS's mainloop does: only B's
 // descriptor follows the group (A never goes through CUTLASS's A descriptor), and B's TMA
-// partitions and multicast mask for a tile.
+// partitions and multicast mask for a tile. A's rows come from the group's ptr_A, read as an
+// array of ARow (a row pointer or a row index, per probe).
 #pragma once
 
 #include <cstdint>
@@ -9,8 +10,27 @@
 
 namespace probe_common {
 
-template <class Base>
+template <class Base, class ARow>
 struct OnlyBFollowsGroup : Base {
+  // (gA_mkl, gB_nkl, the group's A rows, the group's M): the kernel reads the tile counts off
+  // the first two; tensors_perform_update sets the last two whenever the group changes.
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& shape,
+                                typename Base::Params const& params) const {
+    auto base = Base::load_init(shape, params);
+    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base),
+                            static_cast<ARow const*>(nullptr), int32_t(0));
+  }
+
+  template <class InputTensors, class ProblemShape_MNKL>
+  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in,
+                                                     typename Base::Params const& params,
+                                                     ProblemShape_MNKL shape, int32_t group) {
+    return cute::make_tuple(cute::get<0>(in), cute::get<1>(in),
+                            reinterpret_cast<ARow const*>(params.ptr_A[group]),
+                            int32_t(cute::get<0>(shape)));
+  }
+
   template <class TensorMapA, class TensorMapB, class ProblemShape_MNKL>
   CUTLASS_DEVICE void tensormaps_perform_update(
       typename Base::TensorMapStorage& smem, typename Base::Params const& params,

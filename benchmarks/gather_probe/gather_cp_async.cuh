@@ -28,7 +28,7 @@ struct HasAuxiliaryLoad<probe_cp::AuxLoadPolicy<Policy>> : cute::true_type {};
 namespace probe_cp {
 
 template <class Base>
-struct GatherACollective : probe_common::OnlyBFollowsGroup<Base> {
+struct GatherACollective : probe_common::OnlyBFollowsGroup<Base, typename Base::ElementA const*> {
   using DispatchPolicy = AuxLoadPolicy<typename Base::DispatchPolicy>;
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
@@ -61,21 +61,6 @@ struct GatherACollective : probe_common::OnlyBFollowsGroup<Base> {
     Params p = Base::to_underlying_arguments(shapes, args, workspace);
     p.tma_transaction_bytes = TmaTransactionBytes;  // the TMA brings B only
     return p;
-  }
-
-  template <class ProblemShape_MNKL>
-  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& shape, Params const& params) const {
-    auto base = Base::load_init(shape, params);
-    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base),
-                            static_cast<ElementA const* const*>(nullptr), int32_t(0));
-  }
-
-  template <class InputTensors, class ProblemShape_MNKL>
-  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const& params,
-                                                     ProblemShape_MNKL shape, int32_t group) {
-    return cute::make_tuple(cute::get<0>(in), cute::get<1>(in),
-                            reinterpret_cast<ElementA const* const*>(params.ptr_A[group]),
-                            int32_t(cute::get<0>(shape)));
   }
 
   // The mainloop warp: B through the TMA from one elected lane.

@@ -30,7 +30,7 @@ inline GatherSource g_source;
 // Base: the CollectiveMma the CUTLASS builder made for the same tile, cluster and schedule
 // (MainloopSm90ArrayTmaGmmaWarpSpecialized, A K-major).
 template <class Base>
-struct GatherACollective : probe_common::OnlyBFollowsGroup<Base> {
+struct GatherACollective : probe_common::OnlyBFollowsGroup<Base, int32_t> {
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -80,23 +80,6 @@ struct GatherACollective : probe_common::OnlyBFollowsGroup<Base> {
         CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) p.rows_desc = {};
     return p;
-  }
-
-  // (gA_mkl, gB_nkl, the group's row indices, the group's M): the kernel reads the tile counts
-  // off the first two; tensors_perform_update sets the last two whenever the group changes.
-  template <class ProblemShape_MNKL>
-  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& shape, Params const& params) const {
-    auto base = Base::load_init(shape, params);
-    return cute::make_tuple(cute::get<0>(base), cute::get<1>(base),
-                            static_cast<int32_t const*>(nullptr), int32_t(0));
-  }
-
-  template <class InputTensors, class ProblemShape_MNKL>
-  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const& params,
-                                                     ProblemShape_MNKL shape, int32_t group) {
-    return cute::make_tuple(cute::get<0>(in), cute::get<1>(in),
-                            reinterpret_cast<int32_t const*>(params.ptr_A[group]),
-                            int32_t(cute::get<0>(shape)));
   }
 
   // The mainloop warp, all 32 lanes: per k-tile, B's box from lane 0 and A's rows from every lane.
